@@ -16,16 +16,16 @@ import contextlib
 import io
 import string
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
+import minigrid  # noqa: F401  (registers the MiniGrid and BabyAI ids)
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 from gymnasium.vector.utils import create_shared_memory
-
-import minigrid  # noqa: F401  (registers the MiniGrid and BabyAI ids)
+from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
 from minigrid.core.grid import Grid
-from minigrid.core.constants import COLOR_NAMES, IDX_TO_COLOR, IDX_TO_OBJECT, OBJECT_TO_IDX
 from minigrid.core.world_object import Door, Goal, Key, WorldObj
 from minigrid.envs import FetchEnv, GoToDoorEnv, GoToObjectEnv, UnlockEnv, UnlockPickupEnv
 from minigrid.envs.babyai.core.roomgrid_level import RoomGridLevel
@@ -72,17 +72,12 @@ def _no_shared_text(space: TextSpace, n: int = 1, ctx: Any = None) -> None:
     raise TypeError("Text observations cannot live in shared memory: use AsyncVectorEnv(..., shared_memory=False).")
 
 
-def text_space() -> TextSpace:
-    """The observation space of a description or a mission."""
-    return TextSpace()
-
-
 def obs_space(image_shape: tuple[int, ...] | None, state_space: gym.spaces.Box) -> gym.spaces.Dict:
     """The dict observation space shared by every family ("image" left out when images are off)."""
     spaces: dict[str, gym.Space] = {}
     if image_shape is not None:
         spaces["image"] = gym.spaces.Box(0, 255, image_shape, np.uint8)
-    spaces.update(text=text_space(), mission=text_space(), state=state_space)
+    spaces.update(text=TextSpace(), mission=TextSpace(), state=state_space)
     return gym.spaces.Dict(spaces)
 
 
@@ -404,6 +399,10 @@ def _passable(u: MiniGridEnv, x: int, y: int, open_doors: bool) -> bool:
     return False
 
 
+def _front(pos: Cell, d: int) -> Cell:
+    return pos[0] + DIR_TO_VEC[d][0], pos[1] + DIR_TO_VEC[d][1]
+
+
 def _plan(u: MiniGridEnv, done: Callable[[Cell, int], bool], macro: bool, open_doors: bool) -> int | None:
     """BFS over (position, direction): the first action of a shortest path to a state where `done` holds."""
     start = (tuple(int(v) for v in u.agent_pos), int(u.agent_dir))
@@ -414,12 +413,12 @@ def _plan(u: MiniGridEnv, done: Callable[[Cell, int], bool], macro: bool, open_d
         if macro:
             for a, turn in enumerate(MACRO_TURNS):
                 d2 = (d + turn) % 4
-                front = (pos[0] + DIR_TO_VEC[d2][0], pos[1] + DIR_TO_VEC[d2][1])
+                front = _front(pos, d2)
                 yield a, (front if _passable(u, *front, False) else pos, d2)
         else:
             yield u.actions.left, (pos, (d - 1) % 4)
             yield u.actions.right, (pos, (d + 1) % 4)
-            front = (pos[0] + DIR_TO_VEC[d][0], pos[1] + DIR_TO_VEC[d][1])
+            front = _front(pos, d)
             if _passable(u, *front, open_doors):
                 yield u.actions.forward, (front, d)
 
@@ -440,10 +439,6 @@ def _plan(u: MiniGridEnv, done: Callable[[Cell, int], bool], macro: bool, open_d
                 return int(action)
             queue.append(nxt)
     raise RuntimeError("The expert found no path in this MiniGrid layout.")
-
-
-def _front(pos: Cell, d: int) -> Cell:
-    return pos[0] + DIR_TO_VEC[d][0], pos[1] + DIR_TO_VEC[d][1]
 
 
 def _find(u: MiniGridEnv, kind: type = WorldObj) -> list[Cell]:
@@ -493,7 +488,10 @@ def minigrid_expert_action(u: MiniGridEnv, macro: bool = False) -> int:
         if carrying is not None and carrying is not u.obj:
             need_primitive("Dropping the key")
             door_side = {_front(p, d) for p in _find(u, Door) for d in range(4)}
-            free = lambda p, d: u.grid.get(*_front(p, d)) is None and _front(p, d) not in door_side  # noqa: E731
+
+            def free(p: Cell, d: int) -> bool:  # an empty cell to drop the key on, clear of the doorway
+                return u.grid.get(*_front(p, d)) is None and _front(p, d) not in door_side
+
             step = _plan(u, free, macro, open_doors=False)
             return int(act.drop) if step is None else step
         return face([tuple(int(v) for v in u.obj.cur_pos)], pickup)
