@@ -39,7 +39,8 @@ def test_macro_actions_only_for_grids():
         make_env("Fetch", action_set="big")
 
 
-@pytest.mark.parametrize("env_id", ["FrozenLake8x8", "FrozenLake8x8-v1", *GRID_IDS, "MiniGrid-Empty-5x5-v0"])
+@pytest.mark.parametrize("env_id", ["FrozenLake8x8", "FrozenLake8x8-v1", *GRID_IDS, "MiniGrid-Empty-5x5-v0",
+                                    *text_envs.CARD_ENVS])
 def test_observations_fit_their_space(env_id):
     env = make_env(env_id, seed=0)
     obs, info = env.reset()
@@ -263,7 +264,8 @@ def test_success_is_the_env_saying_done():
 
 EXPERT_IDS = [("FrozenLake8x8", "primitive"), ("LavaGap", "primitive"), ("Fetch", "primitive"), ("Fetch", "macro"),
               ("GoToRedBallGrey", "primitive"), ("GoToRedBallGrey", "macro"), ("GoToDoor", "primitive"),
-              ("DoorKey", "primitive"), ("Unlock", "primitive"), ("UnlockPickup", "primitive")]
+              ("DoorKey", "primitive"), ("Unlock", "primitive"), ("UnlockPickup", "primitive"),
+              ("NumberLine", "primitive"), ("EZPoints", "primitive")]
 
 
 @pytest.mark.parametrize("env_id,action_set", EXPERT_IDS)
@@ -283,11 +285,11 @@ def test_expert_is_optimal_on_an_empty_room():
 
 
 def test_same_seed_same_episode():
-    for env_id in ["FrozenLake8x8", "DoorKey", "GoToRedBallGrey", "DynamicObstacles"]:
+    for env_id in ["FrozenLake8x8", "DoorKey", "GoToRedBallGrey", "DynamicObstacles", "EZPoints", "Blackjack"]:
         runs = []
         for _ in range(2):
             env, rng = make_env(env_id, seed=7), np.random.default_rng(1)
-            runs.append(run_episode(env, lambda e: int(rng.integers(e.action_space.n)), seed=11, max_steps=40))
+            runs.append(run_episode(env, lambda e, rng=rng: int(rng.integers(e.action_space.n)), seed=11, max_steps=40))
         for a, b in zip(*runs):
             assert a[0]["text"] == b[0]["text"] and np.array_equal(a[0]["image"], b[0]["image"]) and a[1:4] == b[1:4]
 
