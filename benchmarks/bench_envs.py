@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from text_envs import make_env  # noqa: E402
+from text_envs import make_env
 
 ENV_IDS = ["FrozenLake8x8", "DoorKey", "GoToRedBallGrey", "Fetch", "NumberLine", "EZPoints", "Points24", "Blackjack"]
 
