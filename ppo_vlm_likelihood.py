@@ -1,0 +1,781 @@
+"""PPO where a vision-language model is the policy, each action scored by its likelihood (Idefics-Agent).
+
+Paper: Bonetta et al. 2024, "Vision Language Models as Policy Learners in Reinforcement Learning
+Environments" (papers/vlm_policy_learners_bonetta2024.txt). For a state s the VLM reads the state
+prompt P (a template filled with the description, plus the image) followed by the action prompt Q_i
+of each action a_i; score_i is the mean log-likelihood of Q_i's tokens (eq. 1) and
+pi(a_i | s) = softmax_i(score_i). A value head on the last state-prompt token gives V(s). Only the
+LoRA adapters of the language model and the value head train, optionally on a 4-bit base model.
+
+Unlike the authors' code, scores are log-probabilities (log_softmax over the vocabulary, not raw
+logits), and each state's prefix, image included, is encoded once and its KV cache reused for every
+action, in rollouts and in the PPO update. Run: `python ppo_vlm_likelihood.py --env-id FrozenLake8x8`;
+`accelerate launch --num_processes 4 ppo_vlm_likelihood.py ...` for several GPUs.
+"""
+
+import os
+import random
+import resource
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import gymnasium as gym
+import huggingface_hub
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from huggingface_hub import try_to_load_from_cache
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+import text_envs
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
+FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+# q/k/v of the language model's self-attention only (not the vision tower, not cross-attention):
+# SmolVLM / Idefics2 / Idefics3 `text_model`, LLaVA / Qwen2-VL `language_model`, text-only LMs `model`.
+LANGUAGE_MODEL_QKV = r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj)"
+FROZENLAKE_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} Avoid the traps! "
+                             "What's the next best action?")
+LISTING_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} The possible actions are: {actions}. "
+                          "What's the next best action?")
+# The leading space separates the action prompt from the chat template's "Assistant:".
+ACTION_TEMPLATE = " Based on the information provided, the next best action would be to {action}"
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "vlm-rl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """whether to save a resumable checkpoint to `runs/{run_name}/checkpoint` after every iteration"""
+    resume: str | None = None
+    """a checkpoint directory to continue training from (with --total-timesteps 0: to evaluate)"""
+
+    # Model
+    model_id: str = DEFAULT_MODEL_ID
+    """a Hub id or a local directory: a VLM, or a text-only causal LM (which then reads the description only)"""
+    load_in_4bit: bool = False
+    """load the frozen base model in 4-bit NF4 with double quantisation (the paper's setting)"""
+    lora_r: int = 64
+    """the LoRA rank"""
+    lora_alpha: int = 16
+    """the LoRA scaling alpha"""
+    lora_target_modules: str = LANGUAGE_MODEL_QKV
+    """regular expression (fully matched) of the module names that get LoRA adapters"""
+    no_image: bool = False
+    """if toggled, the VLM sees the text description only (the LLM ablation)"""
+    image_size: int | None = None
+    """pixels of the longer side of the env's image (default: the env's own size); image models only"""
+    state_template: str | None = None
+    """the state prompt, with {description} and optionally {actions}; default: the paper's template for the env"""
+    action_template: str = ACTION_TEMPLATE
+    """the action prompt, with {action}"""
+    reduction: Literal["mean", "sum", "word"] = "mean"
+    """how the action prompt's token log-probs become a score: mean (paper eq. 1), sum, or word (per word, TWOSOME)"""
+
+    # Algorithm specific arguments
+    env_id: str = "FrozenLake8x8"
+    """the id of the environment (a text_envs short id, or a full MiniGrid-*/BabyAI-*/FrozenLake* id)"""
+    total_timesteps: int = 100_000
+    """total timesteps of the experiments (all processes together)"""
+    learning_rate: float = 1e-5
+    """the learning rate of the optimizer"""
+    num_envs: int | None = None
+    """the number of parallel game environments per process (default: 4, or 2 for Fetch and GoToRedBallGrey)"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 128
+    """the number of mini-batches"""
+    update_epochs: int = 1
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """Toggles advantages normalization"""
+    clip_coef: float = 0.1
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """the target KL divergence threshold"""
+    gradient_accumulation_steps: int = 4
+    """mini-batches whose gradients are summed before each optimizer step"""
+    eval_episodes: int = 0
+    """episodes to evaluate the agent on after training (with --total-timesteps 0: the untuned model)"""
+    random_policy: bool = False
+    """evaluate a uniformly random policy instead of the VLM (needs --total-timesteps 0 and --eval-episodes N)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size per process (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def check_args(args: Args) -> None:
+    """Turn flags that do not fit together into one sentence and a non-zero exit (SystemExit: no traceback)."""
+    if args.random_policy and (args.total_timesteps > 0 or args.eval_episodes == 0):
+        raise SystemExit("--random-policy only evaluates: use it with --total-timesteps 0 and --eval-episodes N.")
+    if args.total_timesteps == 0 and args.eval_episodes == 0:
+        raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
+    if args.no_image and args.image_size is not None:
+        raise SystemExit("--image-size sets the image the VLM sees, so it does not fit with --no-image.")
+    if args.state_template is not None and "{description}" not in args.state_template:
+        raise SystemExit("--state-template must contain {description} (and may contain {actions}).")
+    if "{action}" not in args.action_template:
+        raise SystemExit("--action-template must contain {action}.")
+    if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
+        raise SystemExit(f"--resume {args.resume} is not a checkpoint directory (no trainer_state.pt in it).")
+    if min(args.num_steps, args.num_minibatches, args.update_epochs, args.gradient_accumulation_steps) < 1:
+        raise SystemExit("--num-steps, --num-minibatches, --update-epochs and --gradient-accumulation-steps "
+                         "must be at least 1.")
+
+
+def make_env(env_id: str, seed: int, image_size: int | None, with_image: bool) -> Callable[[], gym.Env]:
+    """A thunk building one text_envs env; MiniGrid / BabyAI use the paper's macro actions."""
+
+    def thunk() -> gym.Env:
+        macro = env_id in text_envs.GRID_ENVS or env_id.startswith(("MiniGrid-", "BabyAI-"))
+        size = {"image_size": image_size} if image_size else {}
+        return text_envs.make_env(env_id, seed, with_image=with_image, action_set="macro" if macro else "primitive",
+                                  **size)
+
+    return thunk
+
+
+def make_envs(env_id: str, seeds: Sequence[int], image_size: int | None, with_image: bool) -> gym.vector.SyncVectorEnv:
+    """Vector env that resets an env in the step that ends its episode, handing the final observation in `info`."""
+    return gym.vector.SyncVectorEnv([make_env(env_id, s, image_size, with_image) for s in seeds],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
+    """Ask the Hugging Face Hub about `model_id`; give up after `timeout` seconds, or at once with HF_HUB_OFFLINE."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "unreachable"
+    answer: list[str] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(f"{huggingface_hub.constants.ENDPOINT}/api/models/{model_id}", timeout=timeout)
+            answer.append("found")
+        except urllib.error.HTTPError as err:  # 401 / 403: gated or private, the download will ask for a token
+            answer.append({401: "found", 403: "found", 404: "missing"}.get(err.code, "unreachable"))
+        except (OSError, ValueError):
+            answer.append("unreachable")
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread, so a hanging DNS lookup cannot wait longer
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else "unreachable"
+
+
+def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, bool]:
+    """Where to load `model_id` from and whether to stay offline; the default model falls back to assets/."""
+    if os.path.isdir(model_id):
+        return model_id, True
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise SystemExit(f"model directory {model_id} does not exist.")
+    try:
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:
+        raise SystemExit(f"{model_id!r} is neither a local directory nor a valid Hugging Face model id.") from None
+    if cached:
+        return model_id, True
+    status = hub_status(model_id, hub_timeout)
+    if status == "found":
+        return model_id, False
+    reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
+    if model_id == DEFAULT_MODEL_ID:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
+              f"its numbers say nothing about the paper.\n{bar}", file=sys.stderr)
+        return str(FALLBACK_MODEL_DIR), True
+    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+                     "check the id, download the model first, or pass a local directory.")
+
+
+def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object, bool]:
+    """The frozen base model, its processor (a tokenizer for a text-only LM), and whether it reads images."""
+    source, offline = resolve_model_source(model_id)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"cannot load model {model_id!r} ({reason}).") from None
+    if config.model_type == "idefics":
+        raise SystemExit(f"{model_id!r} is Idefics (v1), whose gated cross-attention to images this script does not "
+                         "implement: use its successors Idefics2 / Idefics3 / SmolVLM, or LLaVA or Qwen2-VL.")
+    reads_images = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    if not reads_images and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SystemExit(f"model {model_id!r} ({config.model_type}) is neither a vision-language model nor a "
+                         "causal language model.")
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute_dtype) if load_in_4bit else None
+    auto_model = AutoModelForImageTextToText if reads_images else AutoModelForCausalLM
+    model = auto_model.from_pretrained(source, dtype=compute_dtype, quantization_config=quantization,
+                                       device_map={"": device}, local_files_only=offline)
+    processor = (AutoProcessor if reads_images else AutoTokenizer).from_pretrained(source, local_files_only=offline)
+    return model, processor, reads_images
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) -> nn.Module:
+    """Freeze the base model and add LoRA adapters to the matching modules (the only VLM weights that train)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 the deprecated question
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            return get_peft_model(model,
+                                  LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
+    except ValueError as err:
+        raise SystemExit(f"--lora-target-modules matches no module of this model ({err}).".replace("\n", " ")) from None
+
+
+def format_state_prompt(processor: object, template: str, description: str, action_names: Sequence[str],
+                        with_image: bool) -> str:
+    """The state prompt P in the model's chat format: the image, then the filled template (Fig. 1)."""
+    text = template.format(description=description, actions=", ".join(action_names))
+    if hasattr(processor, "image_processor"):  # a VLM's processor
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    elif getattr(processor, "chat_template", None) is not None:  # a text-only LM's tokenizer
+        content = text
+    else:
+        return text
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def shared_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
+    """Tokens every action prompt starts with, keeping at least one own token per action."""
+    n = 0
+    while n < min(len(ids) for ids in token_ids) - 1 and len({ids[n] for ids in token_ids}) == 1:
+        n += 1
+    return n
+
+
+def prefix_positions(model: nn.Module, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of the left-padded state prompts, and the next position of each row."""
+    mask = enc["attention_mask"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rope_index = getattr(getattr(base, "model", None), "get_rope_index", None)
+    if rope_index is not None and "image_grid_thw" in enc:  # Qwen2-VL's multimodal RoPE: 3 position rows
+        positions, _ = rope_index(enc["input_ids"], mm_token_type_ids=enc.get("mm_token_type_ids"),
+                                  image_grid_thw=enc["image_grid_thw"], attention_mask=mask)
+        return positions, positions.amax(dim=(0, 2)) + 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return positions, positions[:, -1] + 1
+
+
+def extend_positions(positions: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+    """Position ids of `length` text tokens from `start`, shaped like `positions` (1 or 3 rows for mRoPE)."""
+    new = start[:, None] + torch.arange(length, device=start.device)
+    return new.expand(positions.shape[0], *new.shape) if positions.ndim == 3 else new
+
+
+class StateScores(NamedTuple):
+    scores: torch.Tensor  # [B, A] reduced log-likelihood of each action prompt
+    hidden: torch.Tensor  # [B, H] last layer's hidden state at the last state-prompt token
+    n_tokens: int  # tokens run through the language model
+
+
+def score_actions_and_state(model: nn.Module, processor: object, state_prompts: Sequence[str],
+                            images: Sequence[np.ndarray] | None, action_prompts: Sequence[str],
+                            reduction: str = "mean") -> StateScores:
+    """Score every action prompt after every state prompt, encoding each state (image included) once."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    device = model.device
+    image_kwargs = {"images": [[image] for image in images]} if images is not None else {}
+    # Left padding puts the last state-prompt token of every row in the same (last) column.
+    enc = processor(text=list(state_prompts), padding=True, padding_side="left", return_tensors="pt",
+                    **image_kwargs).to(device)
+    action_ids = tokenizer(list(action_prompts), add_special_tokens=False)["input_ids"]
+    n_shared = shared_prefix_length(action_ids)  # e.g. "Based on ... would be to": scored once per state
+    suffixes = [ids[n_shared:] for ids in action_ids]
+    batch, state_len, n_actions = enc["input_ids"].shape[0], enc["input_ids"].shape[1], len(action_ids)
+
+    # Pass 1, once per state: state prompt + shared action tokens, keeping the KV cache.
+    shared_ids = torch.tensor(action_ids[0][:n_shared], dtype=torch.long, device=device).expand(batch, n_shared)
+    positions, next_position = prefix_positions(model, enc)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(shared_ids)], dim=1)
+    pixel_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    out = model(input_ids=torch.cat([enc["input_ids"], shared_ids], dim=1), attention_mask=mask,
+                position_ids=torch.cat([positions, extend_positions(positions, next_position, n_shared)], dim=-1),
+                use_cache=True, output_hidden_states=True, logits_to_keep=n_shared + 1, **pixel_inputs)
+    logprobs = out.logits.float().log_softmax(-1)  # log p(token | prefix) over the whole vocabulary
+    shared_logprob = logprobs[:, :-1].gather(-1, shared_ids[..., None]).squeeze(-1).sum(-1, keepdim=True)
+    first_ids = torch.tensor([s[0] for s in suffixes], device=device)
+    token_logprob = shared_logprob + logprobs[:, -1, first_ids]  # [B, A]
+    n_tokens = int(mask.sum())
+
+    # Pass 2, once per (state, action): the rest of each action prompt against the repeated cache.
+    # The last token of an action only has to be predicted, never fed, so inputs stop one token early.
+    cont_len = max(len(s) for s in suffixes) - 1
+    if cont_len > 0:
+        pad_id = tokenizer.pad_token_id or 0
+        inputs = torch.tensor([s[:-1] + [pad_id] * (cont_len - len(s) + 1) for s in suffixes], device=device)
+        targets = torch.tensor([s[1:] + [pad_id] * (cont_len - len(s) + 1) for s in suffixes], device=device)
+        cont_mask = torch.tensor([[1] * (len(s) - 1) + [0] * (cont_len - len(s) + 1) for s in suffixes], device=device)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n_actions)  # row b * A + i: state b, action i (differentiable copies)
+        start = (next_position + n_shared).repeat_interleave(n_actions)
+        cont = model(input_ids=inputs.repeat(batch, 1), past_key_values=cache, use_cache=True,
+                     attention_mask=torch.cat([mask.repeat_interleave(n_actions, 0), cont_mask.repeat(batch, 1)], 1),
+                     position_ids=extend_positions(positions, start, cont_len))
+        cont_logprob = cont.logits.float().log_softmax(-1).gather(-1, targets.repeat(batch, 1)[..., None]).squeeze(-1)
+        token_logprob = token_logprob + (cont_logprob * cont_mask.repeat(batch, 1)).sum(-1).view(batch, n_actions)
+        n_tokens += batch * int(cont_mask.sum())
+
+    if reduction == "mean":  # eq. 1: mean token log-likelihood of the action prompt
+        scores = token_logprob / torch.tensor([len(ids) for ids in action_ids], device=device)
+    elif reduction == "sum":
+        scores = token_logprob
+    elif reduction == "word":  # TWOSOME's word normalisation
+        scores = token_logprob / torch.tensor([len(p.split()) for p in action_prompts], device=device)
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'word', not {reduction!r}")
+    return StateScores(scores, out.hidden_states[-1][:, state_len - 1], n_tokens)
+
+
+def score_actions(model: nn.Module, processor: object, state_prompts: Sequence[str],
+                  images: Sequence[np.ndarray] | None, action_prompts: Sequence[str],
+                  reduction: str = "mean") -> torch.Tensor:
+    """[B, A] log-likelihood scores of each action prompt after each state prompt (paper eq. 1 with "mean")."""
+    return score_actions_and_state(model, processor, state_prompts, images, action_prompts, reduction).scores
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights and constant bias, as in CleanRL."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """The VLM policy (softmax over the action prompts' scores) and the value head on the last state-prompt token."""
+
+    def __init__(self, model: nn.Module, processor: object, action_names: Sequence[str],
+                 state_template: str = LISTING_STATE_TEMPLATE, action_template: str = ACTION_TEMPLATE,
+                 reduction: str = "mean", with_image: bool = True):
+        super().__init__()
+        self.model, self.processor, self.with_image = model, processor, with_image
+        self.action_names, self.state_template, self.reduction = list(action_names), state_template, reduction
+        self.action_prompts = [action_template.format(action=name) for name in action_names]
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = nn.Sequential(
+            layer_init(nn.Linear(hidden, 1024)),
+            nn.ReLU(),
+            layer_init(nn.Linear(1024, 512)),
+            nn.ReLU(),
+            layer_init(nn.Linear(512, 1), std=1.0),
+        ).to(model.device, torch.float32)
+        self.tokens_seen = 0
+
+    def observe(self, obs: dict) -> tuple[list[str], np.ndarray | None]:
+        """State prompts, and images (None when the model reads text only), of a batch of observations."""
+        prompts = [format_state_prompt(self.processor, self.state_template, text, self.action_names, self.with_image)
+                   for text in obs["text"]]
+        return prompts, (obs["image"] if self.with_image else None)
+
+    def scores_and_value(self, prompts: Sequence[str], images: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action scores [B, A] and state values [B]."""
+        out = score_actions_and_state(self.model, self.processor, prompts, images, self.action_prompts, self.reduction)
+        self.tokens_seen += out.n_tokens
+        return out.scores, self.value_head(out.hidden.float()).squeeze(-1)
+
+    def get_value(self, prompts: Sequence[str], images: np.ndarray | None) -> torch.Tensor:
+        return self.scores_and_value(prompts, images)[1]
+
+    def get_action_and_value(self, prompts: Sequence[str], images: np.ndarray | None,
+                             action: torch.Tensor | None = None):
+        scores, value = self.scores_and_value(prompts, images)
+        probs = Categorical(logits=scores)  # pi(a_i | s) = softmax_i(score_i)
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), value
+
+
+def build_agent(args: Args, action_names: Sequence[str], device: torch.device) -> Agent:
+    """The base model with LoRA, wrapped with the value head and the prompt templates."""
+    model, processor, reads_images = load_base_model(args.model_id, args.load_in_4bit, device)
+    if not reads_images and args.image_size is not None:
+        raise SystemExit(f"{args.model_id} is a text-only model, so --image-size does not apply: drop it.")
+    if not reads_images:
+        print(f"{args.model_id} is a text-only model: it reads the text description only.")
+    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    model.eval()  # no dropout: rollouts and updates score the same policy
+    frozenlake = args.env_id.startswith("FrozenLake")
+    template = args.state_template or (FROZENLAKE_STATE_TEMPLATE if frozenlake else LISTING_STATE_TEMPLATE)
+    return Agent(model, processor, action_names, template, args.action_template, args.reduction,
+                 with_image=reads_images and not args.no_image)
+
+
+def env_action_names(env_id: str) -> list[str]:
+    """The action words of an env id, or a clear error for an unknown id."""
+    try:
+        env = make_env(env_id, 0, None, with_image=False)()
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return list(env.get_wrapper_attr("action_names"))
+
+
+def evaluate(policy: Callable[[dict], np.ndarray], envs: gym.vector.VectorEnv,
+             n_episodes: int) -> list[tuple[float, int, bool]]:
+    """(return, length, success) of `n_episodes` episodes, split evenly over the envs (short ones are not favoured)."""
+    quota = [n_episodes // envs.num_envs + (i < n_episodes % envs.num_envs) for i in range(envs.num_envs)]
+    episodes: list[list[tuple[float, int, bool]]] = [[] for _ in range(envs.num_envs)]
+    returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
+    obs, _ = envs.reset()
+    while any(len(done) < q for done, q in zip(episodes, quota)):
+        obs, reward, terminations, truncations, infos = envs.step(policy(obs))
+        returns, lengths = returns + reward, lengths + 1
+        for i in np.flatnonzero(terminations | truncations):
+            if len(episodes[i]) < quota[i]:
+                episodes[i].append((float(returns[i]), int(lengths[i]), bool(infos["final_info"]["success"][i])))
+            returns[i], lengths[i] = 0.0, 0
+    return [episode for per_env in episodes for episode in per_env]
+
+
+def log_evaluation(writer: SummaryWriter, episodes: list[tuple[float, int, bool]], name: str) -> None:
+    """Write the evaluation episodes to TensorBoard and print their summary."""
+    for i, (episodic_return, _, _) in enumerate(episodes):
+        writer.add_scalar("eval/episodic_return", episodic_return, i)
+    returns, success = np.array([e[0] for e in episodes]), float(np.mean([e[2] for e in episodes]))
+    writer.add_scalar("eval/success_rate", success, 0)
+    print(f"eval ({name}, {len(episodes)} episodes): return {returns.mean():.3f} +- {returns.std():.3f}, "
+          f"success rate {success:.2f}")
+
+
+def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer, step and RNG, replaced atomically."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+    agent.model.save_pretrained(tmp / "adapter")
+    torch.save({**state, "value_head": agent.value_head.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp / "trainer_state.pt")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if args.num_envs is None:
+        args.num_envs = 2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // (args.batch_size * world)
+    if args.minibatch_size == 0:
+        raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.batch_size} samples "
+                         "per process: lower it.")
+    resumed = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=True) if args.resume else None
+    if resumed is not None and (resumed["env_id"], resumed["model_id"]) != (args.env_id, args.model_id):
+        raise SystemExit(f"--resume {args.resume} holds a run of {resumed['model_id']} on {resumed['env_id']}: "
+                         "pass the same --model-id and --env-id.")
+    run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # env and agent setup: everything that can fail on a bad flag happens before a run directory exists
+    env_seeds = [args.seed + rank * args.num_envs + i for i in range(args.num_envs)]
+    action_names = env_action_names(args.env_id)
+    agent = None if args.random_policy else build_agent(args, action_names, device)
+    envs = make_envs(args.env_id, env_seeds, args.image_size, with_image=agent is not None and agent.with_image)
+
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}") if accelerator.is_main_process else None
+    if writer is not None:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+
+    if agent is None:  # the Random-Agent baseline: no model at all
+        envs.action_space.seed(args.seed + rank)
+        if writer is not None:
+            log_evaluation(writer, evaluate(lambda obs: envs.action_space.sample(), envs, args.eval_episodes),
+                           "random policy")
+            writer.close()
+        sys.exit()
+
+    params = [p for p in agent.parameters() if p.requires_grad]  # LoRA and value head
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    if world > 1:  # every process starts from rank 0's adapter and value head
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    global_step, start_iteration = 0, 1
+    if resumed is not None:
+        set_peft_model_state_dict(agent.model, load_file(Path(args.resume) / "adapter" / "adapter_model.safetensors"))
+        agent.value_head.load_state_dict(resumed["value_head"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        global_step, start_iteration = resumed["global_step"], resumed["iteration"] + 1
+        torch.set_rng_state(resumed["rng_states"][rank % len(resumed["rng_states"])])
+    else:
+        torch.manual_seed(args.seed + rank)
+    if accelerator.is_main_process:
+        n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in agent.parameters())
+        print(f"trainable: {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%), "
+              f"images: {agent.with_image}, processes: {world}")
+
+    # ALGO Logic: Storage setup
+    image_shape = envs.single_observation_space["image"].shape if agent.with_image else (0, 0, 3)
+    obs_prompts = [[""] * args.num_envs for _ in range(args.num_steps)]
+    obs_images = torch.zeros((args.num_steps, args.num_envs) + image_shape, dtype=torch.uint8)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+
+    # TRY NOT TO MODIFY: start the game
+    start_time, start_step = time.time(), global_step
+    next_obs, _ = envs.reset()
+    next_done = torch.zeros(args.num_envs).to(device)
+    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+        finished = []  # (return, length, success) of this process's episodes in this rollout
+        rollout_start, agent.tokens_seen = time.time(), 0
+
+        for step in range(0, args.num_steps):
+            global_step += args.num_envs * world
+            prompts, images = agent.observe(next_obs)
+            obs_prompts[step] = prompts
+            if agent.with_image:
+                obs_images[step] = torch.from_numpy(images)
+            dones[step] = next_done
+
+            # ALGO LOGIC: action logic
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(prompts, images)
+                values[step] = value.flatten()
+            actions[step] = action
+            logprobs[step] = logprob
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            episode_return, episode_length = episode_return + reward, episode_length + 1
+            truncated = np.flatnonzero(truncations & ~terminations)
+            if len(truncated) > 0:  # bootstrap a time-limit cut: r + gamma * V(final observation)
+                finals = [infos["final_obs"][i] for i in truncated]
+                final_obs = {key: [final[key] for final in finals] for key in finals[0]}
+                with torch.no_grad():
+                    reward[truncated] += args.gamma * agent.get_value(*agent.observe(final_obs)).cpu().numpy()
+            next_done_np = np.logical_or(terminations, truncations)
+            rewards[step] = torch.tensor(reward).to(device).view(-1)
+            next_done = torch.Tensor(next_done_np).to(device)
+            for i in np.flatnonzero(next_done_np):
+                success = bool(infos["final_info"]["success"][i])
+                finished.append((float(episode_return[i]), int(episode_length[i]), success))
+                if writer is not None:
+                    writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
+                    writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
+                episode_return[i], episode_length[i] = 0.0, 0
+        rollout_time, rollout_tokens = time.time() - rollout_start, agent.tokens_seen
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(*agent.observe(next_obs)).reshape(1, -1)
+            advantages = torch.zeros_like(rewards).to(device)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
+
+        # flatten the batch
+        b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
+        b_images = obs_images.reshape((-1,) + image_shape)
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape(-1)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+
+        # Optimizing the policy and value network
+        clipfracs = []
+        n_accumulated = 0
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size).tolist()
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
+                mb_inds = b_inds[start:end]
+                mb_images = b_images[mb_inds].numpy() if agent.with_image else None
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value([b_prompts[i] for i in mb_inds],
+                                                                              mb_images, b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef,
+                                                                args.clip_coef)
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+                    v_loss = 0.5 * v_loss_max.mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                (loss / args.gradient_accumulation_steps).backward()
+                n_accumulated += 1
+                if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
+                    if world > 1:  # average the gradients over the processes, as DDP would
+                        grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                        for p, grad in zip(params, grads.split([p.numel() for p in params])):
+                            p.grad.copy_(grad.view_as(p))
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    n_accumulated = 0
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # all processes: finished episodes, their summed return, length and successes, and VLM tokens of the rollout
+        sums = [len(finished), *(map(sum, zip(*finished)) if finished else [0, 0, 0]), rollout_tokens]
+        totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum").tolist()
+        if writer is not None:
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("vlm/rollout_tokens_per_second", totals[4] / rollout_time, global_step)
+            writer.add_scalar("vlm/peak_memory_gib", peak_memory_gib(device), global_step)
+            report = "no episode ended"
+            if totals[0] > 0:
+                writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
+                report = f"return {totals[1] / totals[0]:.3f} success {totals[3] / totals[0]:.2f}"
+            print(f"iteration {iteration}/{args.num_iterations} step {global_step} SPS {sps} {report} "
+                  f"entropy {entropy_loss.item():.3f} tokens/s {totals[4] / rollout_time:.0f}", flush=True)
+
+        if args.save_model:
+            rng_states = gather_object([torch.get_rng_state()])
+            if accelerator.is_main_process:
+                save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
+                                {"run_name": run_name, "env_id": args.env_id, "model_id": args.model_id,
+                                 "global_step": global_step, "iteration": iteration, "rng_states": rng_states})
+    envs.close()
+
+    if args.eval_episodes > 0 and writer is not None:
+        eval_envs = make_envs(args.env_id, env_seeds, args.image_size, agent.with_image)
+
+        def policy(obs: dict) -> np.ndarray:
+            with torch.no_grad():
+                return agent.get_action_and_value(*agent.observe(obs))[0].cpu().numpy()
+
+        episodes = evaluate(policy, eval_envs, args.eval_episodes)
+        log_evaluation(writer, episodes, args.model_id)
+        eval_envs.close()
+    accelerator.wait_for_everyone()
+    if writer is not None:
+        writer.close()

@@ -1,0 +1,508 @@
+"""Tests of ppo_vlm_likelihood.py: action scoring against a hand computation, the shared prefix, 4-bit + LoRA
+updates, end-to-end runs, two processes, resuming, evaluation, the model fallback and the error messages."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import make_tiny_vlm
+import numpy as np
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaForCausalLM
+
+import ppo_vlm_likelihood as ppo
+import text_envs
+from benchmarks.bench_likelihood_scoring import score_actions_full_prompts
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO_ROOT / "ppo_vlm_likelihood.py")
+ARCHS = ["smolvlm", "llava"]
+DESCRIPTIONS = [
+    "You are facing east.",
+    "You are facing west. You see a blue key 1 step ahead and 1 step to the left. Your mission: go get a blue key.",
+    "You are on row 3, column 5. There is a hole to the south.",
+]
+# Different token lengths, a shared template prefix, and one action that is a prefix of another.
+ACTION_WORDS = ["move forward", "move left", "pick up", "move back", "move"]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# small images (the fixtures see 64 or 32 pixels anyway), tiny LoRA, short rollouts
+TRAIN_FLAGS = ["--num-envs", "2", "--num-minibatches", "4", "--gradient-accumulation-steps", "2", "--lora-r", "8",
+               "--image-size", "64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on 2 shared cores, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_text_lm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A two-layer Llama causal LM (text only) with a byte-level tokenizer and a plain chat template."""
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer = make_tiny_vlm.build_byte_level_tokenizer(make_tiny_vlm.LLAVA_SPECIAL_TOKENS, template, bos_token="<s>",
+                                                         eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-text-lm"))
+    LlamaForCausalLM(make_tiny_vlm.tiny_llama_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def vlm(request: pytest.FixtureRequest):
+    """(architecture, fp32 model, processor) of a tiny fixture VLM."""
+    path = request.getfixturevalue(f"tiny_{request.param}_path")
+    return request.param, AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def states(processor, with_image: bool = True) -> tuple[list[str], list[np.ndarray] | None]:
+    """Three chat-formatted state prompts of different lengths, and their images."""
+    prompts = [
+        ppo.format_state_prompt(processor, ppo.LISTING_STATE_TEMPLATE, d, ACTION_WORDS, with_image)
+        for d in DESCRIPTIONS
+    ]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8) for i in range(len(prompts))]
+    return prompts, images if with_image else None
+
+
+def hand_score(model, processor, prompt: str, image: np.ndarray | None, action: str, reduction: str) -> torch.Tensor:
+    """One full prompt, one forward pass, log_softmax, gather the action's tokens, reduce."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    enc = (
+        processor(text=prompt, images=[image], return_tensors="pt")
+        if image is not None
+        else processor(prompt, return_tensors="pt")
+    )
+    action_ids = tokenizer(action, add_special_tokens=False)["input_ids"]
+    ids = torch.cat([enc["input_ids"], torch.tensor([action_ids])], dim=1)
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    logprobs = model(input_ids=ids, **extra).logits[0].log_softmax(-1)
+    start = enc["input_ids"].shape[1] - 1
+    token_logprobs = torch.stack([logprobs[start + j, t] for j, t in enumerate(action_ids)])
+    return {"mean": token_logprobs.mean(), "sum": token_logprobs.sum(),
+            "word": token_logprobs.sum() / len(action.split())}[reduction]
+
+
+def run_script(monkeypatch: pytest.MonkeyPatch, workdir: Path, *argv: str) -> dict:
+    """Run ppo_vlm_likelihood.py in this process (as `python ppo_vlm_likelihood.py ARGV`); its globals at the end."""
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    return runpy.run_path(SCRIPT, run_name="__main__")
+
+
+def script_error(monkeypatch: pytest.MonkeyPatch, workdir: Path, *argv: str) -> str:
+    """The message the script exits with for ARGV: one line in a SystemExit, which Python prints to stderr, without a
+    traceback, before exiting with status 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(monkeypatch, workdir, *argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message and "\n" not in message, message
+    return message
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    """TensorBoard scalar tags written to a run directory."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+# --------------------------------------------------------------------------------------------
+# score_actions
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum", "word"])
+def test_score_actions_matches_hand_computation(vlm, reduction: str) -> None:
+    """Batched shared-prefix scores equal a full forward + log_softmax + gather + reduce, per prompt."""
+    _, model, processor = vlm
+    prompts, images = states(processor)
+    action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
+    with torch.no_grad():
+        scores = ppo.score_actions(model, processor, prompts, images, action_prompts, reduction)
+        expected = torch.tensor(
+            [[hand_score(model, processor, p, im, a, reduction) for a in action_prompts] for p,
+             im in zip(prompts, images)]
+        )
+    assert scores.shape == (len(prompts), len(action_prompts))
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_score_actions_without_shared_tokens(vlm) -> None:
+    """Bare action words (no common template tokens, one a prefix of another) score like the hand computation."""
+    _, model, processor = vlm
+    prompts, images = states(processor)
+    words = [" move", " move forward", " pick up the key", "x"]
+    with torch.no_grad():
+        scores = ppo.score_actions(model, processor, prompts, images, words, "sum")
+        expected = torch.tensor(
+            [[hand_score(model, processor, p, im, a, "sum") for a in words] for p, im in zip(prompts, images)]
+        )
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_shared_prefix_equals_full_prompts_with_gradients(vlm) -> None:
+    """Shared-prefix scores and their gradients equal scoring one full prompt per action (1e-4, fp32)."""
+    _, model, processor = vlm
+    prompts, images = states(processor)
+    action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
+    weights = torch.randn(len(prompts), len(action_prompts), generator=torch.Generator().manual_seed(0))
+    params = [p for name, p in model.named_parameters() if "text_model" in name or "language_model" in name]
+    results = []
+    for scorer in (ppo.score_actions, score_actions_full_prompts):
+        scores = scorer(model, processor, prompts, images, action_prompts, "mean")
+        grads = torch.autograd.grad((scores * weights).sum(), params)
+        results.append((scores.detach(), grads))
+    (shared, shared_grads), (full, full_grads) = results
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=0)
+    for g_shared, g_full in zip(shared_grads, full_grads):
+        torch.testing.assert_close(g_shared, g_full, atol=1e-4, rtol=1e-4)
+    # gradients reach the layers below the continuation: through the cached prefix keys and values
+    assert max(g.abs().max().item() for g in shared_grads) > 0
+
+
+def tiny_qwen2_vl(monkeypatch: pytest.MonkeyPatch):
+    """A two-layer Qwen2-VL (multimodal RoPE) and its processor, built in memory.
+
+    Qwen2VLProcessor insists on a video processor, which needs torchvision; images never use it, so the
+    class check is switched off for the construction.
+    """
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+    from transformers.processing_utils import ProcessorMixin
+
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    tokenizer = make_tiny_vlm.build_byte_level_tokenizer(specials, template, eos_token="<|im_end|>",
+                                                         pad_token="<|endoftext|>")
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2)
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 4,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 2, "embed_dim": 64, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2, "patch_size": 8,
+                       "spatial_merge_size": 2},
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+    )
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+def test_qwen2_vl_multimodal_rope_positions(monkeypatch) -> None:
+    """Qwen2-VL's 3-row RoPE positions (images of different grids) score like the model's own full-prompt forward."""
+    model, processor = tiny_qwen2_vl(monkeypatch)
+    prompts, _ = states(processor)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 64, 3), (64, 24, 3), (48, 48, 3)]]
+    action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
+
+    def full_prompt(prompt: str, image: np.ndarray, action: str) -> torch.Tensor:
+        enc = processor(text=[prompt], images=[[image]], return_tensors="pt")
+        action_ids = processor.tokenizer(action, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([enc["input_ids"], torch.tensor([action_ids])], dim=1)
+        token_types = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, len(action_ids)))
+        model.model.rope_deltas = None  # the model keeps RoPE offsets between calls
+        logprobs = (
+            model(input_ids=ids, mm_token_type_ids=token_types, pixel_values=enc["pixel_values"],
+                  image_grid_thw=enc["image_grid_thw"])
+            .logits[0]
+            .log_softmax(-1)
+        )
+        start = enc["input_ids"].shape[1] - 1
+        return torch.stack([logprobs[start + j, t] for j, t in enumerate(action_ids)]).mean()
+
+    with torch.no_grad():
+        scores = ppo.score_actions(model, processor, prompts, images, action_prompts)
+        expected = torch.tensor([[full_prompt(p, im, a) for a in action_prompts] for p, im in zip(prompts, images)])
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_text_only_model_scores_the_description(tiny_text_lm_path: str) -> None:
+    """A text-only causal LM loads as such and scores text prompts exactly like the hand computation."""
+    model, tokenizer, reads_images = ppo.load_base_model(tiny_text_lm_path, False, torch.device("cpu"))
+    assert not reads_images
+    prompts, _ = states(tokenizer, with_image=False)
+    assert prompts[0].startswith("user: I am the agent") and prompts[0].endswith("assistant:")
+    action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
+    with torch.no_grad():
+        scores = ppo.score_actions(model, tokenizer, prompts, None, action_prompts, "mean")
+        expected = torch.tensor(
+            [[hand_score(model, tokenizer, p, None, a, "mean") for a in action_prompts] for p in prompts]
+        )
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_lora_targets_the_language_model_attention_only() -> None:
+    """The default LoRA regex takes q/k/v of the language model in every supported family, nothing else."""
+    pattern = re.compile(ppo.LANGUAGE_MODEL_QKV)
+    targets = [
+        "model.text_model.layers.0.self_attn.q_proj",  # SmolVLM / Idefics3 / Idefics2
+        "model.language_model.layers.11.self_attn.v_proj",  # LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL
+        "model.layers.3.self_attn.k_proj",  # text-only LMs
+        "base_model.model.model.text_model.layers.1.self_attn.k_proj",
+    ]
+    others = [
+        "model.vision_model.encoder.layers.0.self_attn.q_proj",  # SigLIP / Idefics vision
+        "model.vision_tower.vision_model.encoder.layers.0.self_attn.k_proj",  # CLIP
+        "model.connector.perceiver_resampler.layers.0.self_attn.q_proj",  # Idefics2 resampler
+        "model.gated_cross_attn_layers.0.cross_attn.q_proj",  # Idefics cross-attention
+        "model.visual.blocks.0.attn.qkv",  # Qwen2-VL vision
+        "model.text_model.layers.0.self_attn.o_proj",
+        "model.text_model.layers.0.mlp.up_proj",
+    ]
+    assert all(pattern.fullmatch(name) for name in targets)
+    assert not any(pattern.fullmatch(name) for name in others)
+
+
+def test_4bit_lora_update_changes_only_lora_and_value_head(tiny_smolvlm_path: str) -> None:
+    """On a 4-bit NF4 base (CPU), optimizer steps change every LoRA tensor and the value head, nothing else."""
+    model, processor, _ = ppo.load_base_model(tiny_smolvlm_path, True, torch.device("cpu"))
+    quantised = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert quantised and all(
+        m.weight.quant_state.nested and m.weight.quant_state.quant_type == "nf4" for m in quantised
+    )
+    model = ppo.add_lora(model, 8, 16, ppo.LANGUAGE_MODEL_QKV)
+    model.eval()
+    agent = ppo.Agent(model, processor, ACTION_WORDS)
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    params = [p for p in agent.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    prompts, images = states(processor)
+    for _ in range(3):
+        _, logprob, entropy, value = agent.get_action_and_value(prompts, images, torch.tensor([0, 1, 2]))
+        loss = -logprob.mean() - 0.01 * entropy.mean() + ((value - 1.0) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = agent.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora = {k for k in before if "lora_" in k}
+    value_head = {k for k in before if k.startswith("value_head.")}
+    assert len(lora) == 2 * 2 * 3  # 2 layers x q/k/v x (A, B)
+    assert changed == lora | value_head
+
+
+# --------------------------------------------------------------------------------------------
+# the script
+# --------------------------------------------------------------------------------------------
+def test_end_to_end_frozenlake_with_checkpoint(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
+    """A few hundred steps on FrozenLake8x8: logs, progress lines, a checkpoint whose adapter PeftModel loads."""
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "FrozenLake8x8",
+                   "--total-timesteps", "192", "--num-steps", "32", "--save-model", *TRAIN_FLAGS)
+    assert g["global_step"] == 192
+    out = capsys.readouterr().out
+    assert "iteration 3/3 step 192" in out
+    run_dir = tmp_path / "runs" / g["run_name"]
+    tags = scalar_tags(run_dir)
+    assert {"charts/SPS", "charts/learning_rate", "charts/success_rate", "charts/episodic_return",
+            "charts/episodic_length", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl",
+            "losses/clipfrac", "losses/explained_variance", "vlm/rollout_tokens_per_second",
+            "vlm/peak_memory_gib"} <= tags
+
+    checkpoint = run_dir / "checkpoint"
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    assert (state["global_step"], state["iteration"]) == (192, 3)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path)
+    loaded = PeftModel.from_pretrained(base, checkpoint / "adapter")
+    trained = dict(g["agent"].model.named_parameters())
+    lora = {name: p for name, p in loaded.named_parameters() if "lora_" in name}
+    assert lora and all(torch.equal(p, trained[name]) for name, p in lora.items())
+    assert any(p.abs().sum() > 0 for name, p in lora.items() if "lora_B" in name)  # trained away from B = 0
+
+
+def test_end_to_end_fetch(tiny_llava_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
+    """A few hundred steps on Fetch (macro actions) with the LLaVA fixture."""
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_llava_path, "--env-id", "Fetch", "--total-timesteps",
+                   "192", "--num-steps", "32", "--reduction", "word", *TRAIN_FLAGS)
+    assert g["global_step"] == 192 and g["action_names"] == text_envs.MACRO_ACTION_NAMES
+    assert g["agent"].action_prompts[4].endswith("would be to pick up")
+    assert "iteration 3/3 step 192" in capsys.readouterr().out
+
+
+def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
+    """Kill a run after it saved a checkpoint; --resume continues from the next iteration in the same run directory."""
+    argv = ["--model-id", tiny_smolvlm_path, "--total-timesteps", "100000", "--num-steps", "4", "--save-model",
+            *TRAIN_FLAGS]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=tmp_path, env=SUBPROCESS_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while not list(tmp_path.glob("runs/*/checkpoint/trainer_state.pt")) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (state_file,) = tmp_path.glob("runs/*/checkpoint/trainer_state.pt")
+    saved = torch.load(state_file, weights_only=True)
+    done = saved["iteration"]
+    total = (done + 2) * 8
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--total-timesteps", str(total),
+                   "--num-steps", "4", "--save-model", "--resume", str(state_file.parent), *TRAIN_FLAGS)
+    out = capsys.readouterr().out
+    assert g["run_name"] == saved["run_name"] and g["global_step"] == total
+    lines = [line for line in out.splitlines() if line.startswith("iteration ")]
+    assert lines[0].startswith(f"iteration {done + 1}/{done + 2} step {(done + 1) * 8} ")
+    assert len(lines) == 2
+    assert torch.load(state_file, weights_only=True)["iteration"] == done + 2
+
+
+def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: Path) -> None:
+    """Two processes on CPU (gloo, launched with torchrun): after updates, LoRA and value head are equal on both ranks."""
+    wrapper = tmp_path / "run_and_dump.py"
+    wrapper.write_text(
+        "import os, runpy, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})  # as when the script itself is run\n"
+        f"g = runpy.run_path({SCRIPT!r}, run_name='__main__')\n"
+        "weights = {n: p.detach() for n, p in g['agent'].named_parameters() if p.requires_grad}\n"
+        "torch.save(weights, f\"weights_{os.environ['RANK']}.pt\")\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           "--model-id", tiny_smolvlm_path, "--total-timesteps", "32", "--num-steps", "4", *TRAIN_FLAGS]
+    result = subprocess.run(cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iteration 2/2 step 32" in result.stdout  # 2 processes x 2 envs x 4 steps per iteration
+    rank0, rank1 = (torch.load(tmp_path / f"weights_{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and any("lora_B" in k for k in rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k)  # updated: LoRA B starts at zero
+
+
+def test_untuned_model_and_random_policy_evaluation(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
+                                                    capsys) -> None:
+    """--total-timesteps 0 --eval-episodes N evaluates the untuned model; --random-policy evaluates random actions."""
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "Fetch", "--total-timesteps",
+                   "0", "--eval-episodes", "3")
+    assert len(g["episodes"]) == 3 and g["global_step"] == 0
+    assert re.search(r"eval \(.*tiny-smolvlm.*, 3 episodes\): return -?\d", capsys.readouterr().out)
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "Fetch", "--total-timesteps",
+                   "0", "--eval-episodes", "2", "--no-image")  # the LLM ablation: the VLM reads the description only
+    assert len(g["episodes"]) == 2 and not g["agent"].with_image
+    with pytest.raises(SystemExit) as exit_info:  # the random policy loads no model and ends after its evaluation
+        run_script(monkeypatch, tmp_path, "--random-policy", "--env-id", "FrozenLake8x8", "--total-timesteps", "0",
+                   "--eval-episodes", "5")
+    assert exit_info.value.code is None
+    assert "eval (random policy, 5 episodes)" in capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").glob("FrozenLake8x8__*")
+    assert {"eval/episodic_return", "eval/success_rate"} <= scalar_tags(run_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# the fallback and the error messages
+# --------------------------------------------------------------------------------------------
+class NotFoundHandler(http.server.BaseHTTPRequestHandler):
+    """A Hub stand-in that knows no model."""
+
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_default_model_falls_back_loudly_and_fast(monkeypatch, capsys) -> None:
+    """Unavailable default model: a loud warning and assets/tiny-smolvlm, found out in seconds, offline or not."""
+    start = time.time()
+    assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID) == (str(ppo.FALLBACK_MODEL_DIR), True)  # HF_HUB_OFFLINE=1
+    assert time.time() - start < 2
+    warning = capsys.readouterr().err
+    assert "WARNING" in warning and "RANDOM weights" in warning
+
+    monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        endpoints = {
+            "http://127.0.0.1:9": "cannot be reached",  # connection refused
+            f"http://127.0.0.1:{silent.getsockname()[1]}": "cannot be reached",
+            f"http://127.0.0.1:{hub.server_address[1]}": "does not know it",
+        }
+        for endpoint, reason in endpoints.items():
+            monkeypatch.setattr(ppo.huggingface_hub.constants, "ENDPOINT", endpoint)
+            start = time.time()
+            assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID, hub_timeout=1.0)[0] == str(ppo.FALLBACK_MODEL_DIR)
+            assert time.time() - start < 2.5
+            assert reason in capsys.readouterr().err
+            with pytest.raises(SystemExit, match=reason):  # an explicit id never falls back
+                ppo.resolve_model_source("someone/some-model", hub_timeout=1.0)
+    finally:
+        hub.shutdown()
+        silent.close()
+
+
+def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys) -> None:
+    """With no --model-id and no Hub, the run goes on with the committed tiny checkpoint."""
+    g = run_script(monkeypatch, tmp_path, "--env-id", "FrozenLake8x8", "--total-timesteps", "0", "--eval-episodes", "1")
+    assert len(g["episodes"]) == 1
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--env-id", "NoSuchEnv", "--total-timesteps", "0", "--eval-episodes", "1", "--random-policy"],
+         "Unknown env id"),
+        (["--model-id", "nobody/no-such-model", "--total-timesteps", "0", "--eval-episodes", "1"],
+         "Hub cannot be reached"),
+        (["--model-id", "./no/such/dir", "--total-timesteps", "0", "--eval-episodes", "1"], "does not exist"),
+        (["--random-policy"], "--random-policy only evaluates"),
+        (["--total-timesteps", "0"], "add --eval-episodes"),
+        (["--no-image", "--image-size", "64"], "does not fit with --no-image"),
+        (["--state-template", "no placeholder"], "--state-template must contain {description}"),
+        (["--num-steps", "4", "--num-envs", "1", "--num-minibatches", "8"], "exceeds the batch"),
+        (["--resume", "no-such-checkpoint"], "is not a checkpoint directory"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeypatch, tmp_path: Path) -> None:
+    """Each user mistake ends the run with one line that says what to do."""
+    assert expected in script_error(monkeypatch, tmp_path, *argv)
+
+
+def test_text_only_model_rejects_image_options(tiny_text_lm_path: str, monkeypatch, tmp_path: Path) -> None:
+    """A text-only model with --image-size is a clear error."""
+    message = script_error(monkeypatch, tmp_path, "--model-id", tiny_text_lm_path, "--image-size", "64",
+                           "--total-timesteps", "0", "--eval-episodes", "1")
+    assert "text-only model" in message
+
+
+def test_idefics_v1_is_refused_clearly(monkeypatch, tmp_path: Path) -> None:
+    """The paper's Idefics (v1) cross-attends to images, which the scorer does not implement: a clear error, no crash."""
+    from transformers import IdeficsConfig
+
+    IdeficsConfig().save_pretrained(tmp_path / "idefics")
+    message = script_error(monkeypatch, tmp_path, "--model-id", str(tmp_path / "idefics"), "--total-timesteps", "0",
+                           "--eval-episodes", "1")
+    assert "Idefics (v1)" in message
