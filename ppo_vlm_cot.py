@@ -1,0 +1,792 @@
+"""PPO on a vision-language model's own chain of thought, ending in a JSON action (RL4VLM).
+
+Paper: Zhai et al. 2024, "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via
+Reinforcement Learning" (papers/rl4vlm_zhai2024_project_page.txt). The VLM reads the image and a
+task prompt v_in and writes {"thoughts": ..., "action": "..."}. The value of the last "action" key
+is the action, a uniformly random legal action when it names none (eq. 1, the page's f(v_out)). PPO
+trains the VLM with log pi(a | o, v_in) = lambda * log p(thought tokens) + log p(action tokens)
+(eq. 2, the page's regularised log-probability), taken at the sampling temperature. A value head on
+the last prompt token gives V(s). Only LoRA adapters of the language model and the value head train,
+optionally on a 4-bit base model.
+
+Unlike the authors' code, the thought / action split comes from the decoded text's character offsets,
+not from hard-coded token ids (theirs did not match their own tokenizer); every env's prompt shows that
+env's own formula; and generation is batched over --num-envs envs with the KV cache (theirs: one env per GPU).
+
+    python ppo_vlm_cot.py --env-id NumberLine
+    accelerate launch --num_processes 2 ppo_vlm_cot.py --env-id EZPoints --load-in-4bit
+    python ppo_vlm_cot.py --env-id Blackjack --total-timesteps 0 --eval-episodes 100  # untuned model
+"""
+
+import bisect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import gymnasium as gym
+import huggingface_hub
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from huggingface_hub import try_to_load_from_cache
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+import text_envs
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
+FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+# Every linear layer of the language model (attention and MLP), not the vision tower, connector or lm_head:
+# SmolVLM / Idefics3 `text_model`, LLaVA / LLaVA-NeXT / Qwen2-VL `language_model`, others `model`.
+LANGUAGE_MODEL_LINEAR = (r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\."
+                         r"(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj")
+END_LEARNING_RATE = 1e-9  # the authors' --end-lr of the cosine schedule
+# The key of eq. 1, quotes and case tolerated ("action", 'Action', action); "transaction" is no key.
+ACTION_KEY = re.compile(r"""["']?\baction\b["']?\s*:""", re.IGNORECASE)
+# Its value: a closed quoted string, or bare text, followed by nothing but `,` `}` `]`, a newline or the end.
+ACTION_VALUE = re.compile(r"""\s*(?:"([^"\n]*)"|'([^'\n]*)'|([^,}\]\n"']*))\s*(?:[,}\]\n]|$)""")
+JSON_FORMAT = "Your response should be a valid json file in the following format: \n{\n "
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "vlm-rl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """whether to save a resumable checkpoint to `runs/{run_name}/checkpoint` after every iteration"""
+    resume: str | None = None
+    """a checkpoint directory to continue training from (with --total-timesteps 0: to evaluate)"""
+    sample_every: int = 1
+    """every N iterations, log the last rollout step's prompts, outputs, actions and rewards (tensorboard text, samples.jsonl); 0: never"""
+
+    # Model
+    model_id: str = DEFAULT_MODEL_ID
+    """a Hugging Face Hub id or a local directory of a vision-language model"""
+    load_in_4bit: bool = False
+    """load the frozen base model in 4-bit NF4 with double quantisation"""
+    lora_r: int = 128
+    """the LoRA rank"""
+    lora_alpha: int = 256
+    """the LoRA scaling alpha"""
+    lora_target_modules: str = LANGUAGE_MODEL_LINEAR
+    """regular expression (fully matched) of the module names that get LoRA adapters"""
+    temperature: float = 0.2
+    """the sampling temperature; log-probs are computed from the logits divided by it"""
+    max_new_tokens: int = 256
+    """the most tokens the VLM writes per step"""
+    thought_coef: float = 0.5
+    """lambda: the weight of the thought tokens' log-prob in log pi (eq. 2; 0.5 for GymCards in the paper)"""
+    cot: bool = True
+    """whether the prompt asks for thoughts before the action (--no-cot: the paper's action-only ablation)"""
+
+    # Algorithm specific arguments
+    env_id: str = "NumberLine"
+    """the id of the environment: NumberLine, EZPoints, Points24, Blackjack (paper prompts) or any other text_envs id"""
+    total_timesteps: int = 15_000
+    """total timesteps of the experiments (all processes together)"""
+    learning_rate: float = 1e-5
+    """the learning rate of the optimizer"""
+    num_envs: int = 4
+    """the number of parallel game environments per process, generated for in one batch"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """cosine-decay the learning rate to 1e-9 over the run (the paper's schedule)"""
+    gamma: float = 0.9
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    minibatch_size: int = 1
+    """samples per forward / backward pass"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """Toggles advantages normalization (over the whole batch: a minibatch may hold a single sample)"""
+    clip_coef: float = 0.1
+    """the surrogate clipping coefficient"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.01
+    """the maximum norm for the gradient clipping"""
+    gradient_accumulation_steps: int = 128
+    """mini-batches whose gradients are summed before each optimizer step"""
+    eval_episodes: int = 0
+    """episodes to evaluate the agent on after training (with --total-timesteps 0: the untuned model)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size per process (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def check_args(args: Args) -> None:
+    """Turn flags that do not fit together into one sentence and a non-zero exit (SystemExit: no traceback)."""
+    if args.total_timesteps == 0 and args.eval_episodes == 0:
+        raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
+    if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
+        raise SystemExit(f"--resume {args.resume} is not a checkpoint directory (no trainer_state.pt in it).")
+    if not args.temperature > 0:
+        raise SystemExit("--temperature must be > 0: the policy's log-probs are taken at the sampling temperature.")
+    if not 0 <= args.thought_coef <= 1:
+        raise SystemExit("--thought-coef (lambda) must lie in [0, 1]; the paper found 0.2 to 0.5 to work.")
+    if min(args.num_envs, args.num_steps, args.minibatch_size, args.update_epochs, args.gradient_accumulation_steps,
+           args.max_new_tokens) < 1 or min(args.total_timesteps, args.eval_episodes, args.sample_every) < 0:
+        raise SystemExit("--num-envs, --num-steps, --minibatch-size, --update-epochs, --gradient-accumulation-steps and "
+                        "--max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every >= 0.")
+
+
+def make_env(env_id: str, seed: int, with_image: bool = True) -> Callable[[], gym.Env]:
+    """A thunk building one text_envs env (GymCards draw 300 x 300 images, as in the paper)."""
+    return lambda: text_envs.make_env(env_id, seed, with_image=with_image)
+
+
+def make_envs(env_id: str, seeds: Sequence[int]) -> gym.vector.SyncVectorEnv:
+    """Vector env that resets an env in the step that ends its episode, handing the final observation in `info`."""
+    try:
+        return gym.vector.SyncVectorEnv([make_env(env_id, s) for s in seeds],
+                                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
+def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
+    """Ask the Hugging Face Hub about `model_id`, giving up after `timeout` seconds (at once when HF_HUB_OFFLINE is set)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "unreachable"
+    answer: list[str] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(f"{huggingface_hub.constants.ENDPOINT}/api/models/{model_id}", timeout=timeout)
+            answer.append("found")
+        except urllib.error.HTTPError as err:  # 401 / 403: gated or private, the download will ask for a token
+            answer.append({401: "found", 403: "found", 404: "missing"}.get(err.code, "unreachable"))
+        except (OSError, ValueError):
+            answer.append("unreachable")
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread, so a hanging DNS lookup cannot wait longer
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else "unreachable"
+
+
+def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, bool]:
+    """Where to load `model_id` from and whether to stay offline; the default model falls back to assets/."""
+    if os.path.isdir(model_id):
+        return model_id, True
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise SystemExit(f"model directory {model_id} does not exist.")
+    try:
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:
+        raise SystemExit(f"{model_id!r} is neither a local directory nor a valid Hugging Face model id.") from None
+    if cached:
+        return model_id, True
+    status = hub_status(model_id, hub_timeout)
+    if status == "found":
+        return model_id, False
+    reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
+    if model_id == DEFAULT_MODEL_ID:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
+              f"its numbers say nothing about the paper.\n{bar}", file=sys.stderr)
+        return str(FALLBACK_MODEL_DIR), True
+    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+                    "check the id, download the model first, or pass a local directory.")
+
+
+def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object]:
+    """The frozen base model and its processor."""
+    source, offline = resolve_model_source(model_id)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"cannot load model {model_id!r} ({reason}).") from None
+    if config.model_type == "idefics":
+        raise SystemExit(f"{model_id!r} is Idefics (v1), whose gated cross-attention to images this script does not "
+                         "implement: use its successors Idefics2 / Idefics3 / SmolVLM, or LLaVA or Qwen2-VL.")
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise SystemExit(f"model {model_id!r} ({config.model_type}) is not a vision-language model: RL4VLM needs the image.")
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute_dtype) if load_in_4bit else None
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=compute_dtype, quantization_config=quantization,
+                                                        device_map={"": device}, local_files_only=offline)
+    processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    # The checkpoint's own sampling defaults (top-k, repetition penalty, ...) would change the distribution
+    # that is sampled from but not the one that is scored: keep only its special tokens.
+    ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(**ids)
+    return model, processor
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) -> nn.Module:
+    """Freeze the base model and add LoRA adapters to the matching modules (the only VLM weights that train)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 the deprecated question
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
+    except ValueError as err:
+        raise SystemExit(f"--lora-target-modules matches no module of this model ({err}).".replace("\n", " ")) from None
+
+
+def task_prompt(env_id: str, action_names: Sequence[str], mission: str, description: str, formula: str,
+                cot: bool = True) -> str:
+    """The prompt v_in: the paper's for a GymCards env, else one from the mission, description and action words."""
+    thoughts = '"thoughts": "{first describe what you see, then think carefully about which action to choose}", \n'
+    action = '"action": "{one of the actions}" \n}'
+    if env_id == "NumberLine":  # the authors' prompts, their stray backslashes and typos removed
+        text = ("You are playing a game called number line. You will see a target number and a current number in the "
+                "image. And your goal is to move the current number closer to the target by choosing either adding or "
+                "subtracting one to the current number. ")
+        thoughts = ('"current number": "x", \n"target number": "x", \n"thoughts": "{first read out the current and '
+                    'target number, then think carefully about which action to choose}", \n')
+        action = '"action": "-" or "+" \n}'
+    elif env_id == "Blackjack":
+        text = f"You are a blackjack player. You are observing the current game state, you can choose between {list(action_names)}. "
+        thoughts = ('"thoughts": "{first describe your total points and the dealer\'s total points then think about '
+                    'which action to choose}", \n')
+        action = '"action": "stand" or "hit" \n}'
+    elif env_id in ("EZPoints", "Points24"):
+        ez = env_id == "EZPoints"
+        target, check = (12, "the current formula 'z' is complete") if ez else (24, "the current formula equals 24")
+        text = (f"You are an expert {'card' if ez else '24 points card'} game player. You are observing "
+                f"{'two' if ez else 'the four'} cards in the image. You are observing the current formula: {formula}. You "
+                f"can choose between {list(action_names)}. The number or operator you choose will be appended to the current "
+                "formula. Note that 'J', 'Q', and 'K' count as '10'. Your goal is to output a formula that evaluates to "
+                f"{target}, and each number can only be used once. ")
+        thoughts = (f'"cards": [{"x, y" if ez else "x, y, z, w"}], \n"current formula": {formula}, \n"thoughts": {{First '
+                    f"check whether {check}. If {check}, output '='. Otherwise consider which number or operator should be "
+                    f'appended to the current formula to make it equal {target}.}} \n')
+        action = '"action": "{number}" or "{operator}" \n}'
+    else:
+        text = (f"You are playing a game. Your goal: {mission}. {description} You can choose between "
+                f"{list(action_names)}. ")
+    return text + JSON_FORMAT + (thoughts if cot else "") + action
+
+
+def chat_prompt(processor: object, text: str) -> str:
+    """The prompt in the model's chat format: the image, then the text."""
+    content = [{"type": "image"}, {"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+def last_action_key(text: str) -> re.Match | None:
+    """The last "action" key of a model output, or None."""
+    keys = list(ACTION_KEY.finditer(text))
+    return keys[-1] if keys else None
+
+
+def parse_action(text: str, legal_actions: list[str]) -> int | None:
+    """Index of the legal action the last "action" key names (quotes and case tolerated), else None (eq. 1)."""
+    key = last_action_key(text)
+    value = ACTION_VALUE.match(text, key.end()) if key else None
+    if value is None:
+        return None
+    word = next(group for group in value.groups() if group is not None).strip().lower()
+    matches = [i for i, action in enumerate(legal_actions) if action.lower() == word]
+    return matches[0] if len(matches) == 1 else None
+
+
+def env_actions(texts: Sequence[str], action_names: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """Env actions parsed from the outputs, a uniformly random legal one where none parses (eq. 1); and which parsed."""
+    parsed = [parse_action(text, action_names) for text in texts]
+    random_actions = torch.randint(len(action_names), (len(parsed),))
+    return torch.tensor([int(r) if a is None else a for a, r in zip(parsed, random_actions)]), np.array([a is not None for a in parsed])
+
+
+def split_output(tokenizer: object, token_ids: Sequence[int]) -> tuple[str, int]:
+    """The output's text (special tokens left out), and the index of the token holding the first character of its
+    last "action" key: len(token_ids) without a key. Character offsets, since a token may hold more than the key
+    (byte-level BPE merges such as `{"`) and sampled ids need not be the tokenizer's own split of the text."""
+    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    text = decode(token_ids)
+    key = last_action_key(text)
+    if key is None:
+        return text, len(token_ids)
+
+    def chars_covered(n: int) -> int:  # characters of `text` that the first n tokens decode to
+        return len(os.path.commonprefix([decode(token_ids[:n]), text]))
+
+    return text, bisect.bisect_right(range(len(token_ids) + 1), key.start(), key=chars_covered) - 1
+
+
+def encode_prompts(processor: object, prompts: Sequence[str], images: np.ndarray, device: torch.device) -> dict:
+    """Left-padded token ids and pixels of a batch of chat prompts, so every prompt ends in the last column."""
+    images = [[image] for image in images]
+    return processor(text=list(prompts), images=images, padding=True, padding_side="left", return_tensors="pt").to(device)
+
+
+def unscorable_token_ids(model: nn.Module) -> list[int]:
+    """Image placeholder ids: never sampled, since fed back in they would stand for image features."""
+    return [v for k in ("image_token_id", "image_token_index", "video_token_id") if isinstance(v := getattr(model.config, k, None), int)]
+
+
+class Output(NamedTuple):
+    ids: torch.Tensor  # [B, T] generated token ids, padded after the end-of-sequence token
+    mask: torch.Tensor  # [B, T] True up to and including the end-of-sequence token
+    action_start: torch.Tensor  # [B] index of the first action token (T when no "action" key)
+
+
+def generate(model: nn.Module, processor: object, prompts: Sequence[str], images: np.ndarray, temperature: float,
+             max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one output per prompt, the whole batch at once with the KV cache: [B, max_new_tokens] ids and their mask."""
+    tokenizer = processor.tokenizer
+    ends = model.generation_config.eos_token_id  # the model's end tokens (SmolVLM: <end_of_utterance>) and the tokenizer's
+    ends = sorted(set([ends] if isinstance(ends, int) else ends or []) | {tokenizer.eos_token_id} - {None})
+    enc = encode_prompts(processor, prompts, images, model.device)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
+                              suppress_tokens=unscorable_token_ids(model) or None)
+    out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+    ids = torch.full((len(prompts), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=out.device)
+    ids[:, :out.shape[1]] = out
+    return ids, output_mask(ids, ends)
+
+
+def output_mask(ids: torch.Tensor, end_ids: Sequence[int]) -> torch.Tensor:
+    """True for the generated tokens up to and including the first end-of-sequence token."""
+    is_end = torch.isin(ids, torch.tensor(end_ids, device=ids.device)).long()
+    return (is_end.cumsum(-1) - is_end) == 0
+
+
+class CoTLogProb(NamedTuple):
+    log_prob: torch.Tensor  # [B] lambda * thought + action: log pi(a | o, v_in) of eq. 2
+    thought: torch.Tensor  # [B] summed log-probs of the thought tokens
+    action: torch.Tensor  # [B] summed log-probs of the action tokens (from the last "action" key, EOS included)
+    entropy: torch.Tensor  # [B] mean entropy of the next-token distributions along the output
+    hidden: torch.Tensor  # [B, H] last layer's hidden state at the last prompt token
+
+
+def cot_log_prob(model: nn.Module, processor: object, prompts: Sequence[str], images: np.ndarray, output: Output,
+                 thought_coef: float, temperature: float) -> CoTLogProb:
+    """Log-probs of sampled outputs given prompt and image at the sampling temperature, split into thought and action."""
+    n_out = max(int(output.mask.sum(-1).max()), 1)  # the columns that are padding in every row carry nothing
+    ids, mask = output.ids[:, :n_out], output.mask[:, :n_out]
+    enc = encode_prompts(processor, prompts, images, model.device)
+    n_prompt = enc["input_ids"].shape[1]
+    pixel_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    out = model(input_ids=torch.cat([enc["input_ids"], ids], dim=1), attention_mask=torch.cat([enc["attention_mask"], mask], dim=1),
+                output_hidden_states=True, logits_to_keep=n_out + 1, **pixel_inputs)
+    logits = out.logits[:, :-1].float() / temperature  # the distribution the tokens were sampled from
+    logits[..., unscorable_token_ids(model)] = -torch.inf
+    logprobs = logits.log_softmax(-1)
+    token_logprob = logprobs.gather(-1, ids[..., None]).squeeze(-1)
+    is_action = torch.arange(n_out, device=ids.device) >= output.action_start[:, None]
+    thought = torch.where(mask & ~is_action, token_logprob, 0.0).sum(-1)
+    action = torch.where(mask & is_action, token_logprob, 0.0).sum(-1)
+    with torch.no_grad():  # logged only
+        entropy = torch.where(mask, torch.special.entr(logprobs.exp()).sum(-1), 0.0).sum(-1) / mask.sum(-1)
+    # eq. 2: log pi(a | o, v_in) = lambda * log p(thought) + log p(action)
+    return CoTLogProb(thought_coef * thought + action, thought, action, entropy, out.hidden_states[-1][:, n_prompt - 1])
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights and constant bias, as in CleanRL."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """The VLM policy (its generated thought and action) and the value head on the last prompt token."""
+
+    def __init__(self, model: nn.Module, processor: object, temperature: float, max_new_tokens: int, thought_coef: float):
+        super().__init__()
+        self.model, self.processor = model, processor
+        self.tokenizer = processor.tokenizer
+        self.temperature, self.max_new_tokens, self.thought_coef = temperature, max_new_tokens, thought_coef
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = nn.Sequential(layer_init(nn.Linear(hidden, 1024)), nn.ReLU(), layer_init(nn.Linear(1024, 512)),
+                                        nn.ReLU(), layer_init(nn.Linear(512, 1), std=1.0)).to(model.device, torch.float32)
+
+    def get_value(self, prompts: Sequence[str], images: np.ndarray) -> torch.Tensor:
+        enc = encode_prompts(self.processor, prompts, images, self.model.device)
+        out = self.model(**enc, output_hidden_states=True, logits_to_keep=1)
+        return self.value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
+
+    def get_action_and_value(self, prompts: Sequence[str], images: np.ndarray, output: Output | None = None):
+        """Sample outputs when none are given, then score them: (output, their texts or None, CoTLogProb, value)."""
+        texts = None
+        if output is None:
+            with torch.no_grad():
+                ids, mask = generate(self.model, self.processor, prompts, images, self.temperature, self.max_new_tokens)
+            texts, starts = zip(*[split_output(self.tokenizer, row[m].tolist()) for row, m in zip(ids, mask)])
+            output = Output(ids, mask, torch.tensor(starts, device=ids.device))
+        scored = cot_log_prob(self.model, self.processor, prompts, images, output, self.thought_coef, self.temperature)
+        return output, texts, scored, self.value_head(scored.hidden.float()).squeeze(-1)
+
+
+def observation_prompts(obs: dict, infos: dict, env_id: str, processor: object, action_names: Sequence[str],
+                        cot: bool) -> tuple[list[str], list[str], np.ndarray]:
+    """Task prompts, chat prompts and images of a vector env's observations; each env's own formula from its info."""
+    formulas = infos.get("formula", [""] * len(obs["text"]))
+    texts = [task_prompt(env_id, action_names, obs["mission"][i], obs["text"][i], formulas[i], cot)
+             for i in range(len(obs["text"]))]
+    return texts, [chat_prompt(processor, t) for t in texts], obs["image"]
+
+
+def evaluate(policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv,
+             n_episodes: int) -> list[tuple[float, int, bool]]:
+    """(return, length, success) of `n_episodes` episodes, split evenly over the envs (so short episodes are not favoured)."""
+    quota = [n_episodes // envs.num_envs + (i < n_episodes % envs.num_envs) for i in range(envs.num_envs)]
+    episodes: list[list[tuple[float, int, bool]]] = [[] for _ in range(envs.num_envs)]
+    returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
+    obs, infos = envs.reset()
+    while any(len(done) < q for done, q in zip(episodes, quota)):
+        obs, reward, terminations, truncations, infos = envs.step(policy(obs, infos))
+        returns, lengths = returns + reward, lengths + 1
+        for i in np.flatnonzero(terminations | truncations):
+            if len(episodes[i]) < quota[i]:
+                episodes[i].append((float(returns[i]), int(lengths[i]), bool(infos["final_info"]["success"][i])))
+            returns[i], lengths[i] = 0.0, 0
+    return [episode for per_env in episodes for episode in per_env]
+
+
+def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer, step and RNG, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+    agent.model.save_pretrained(tmp / "adapter")
+    torch.save({**state, "value_head": agent.value_head.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp / "trainer_state.pt")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def log_samples(writer: SummaryWriter, path: Path, records: list[dict], global_step: int) -> None:
+    """Prompts, outputs, parsed actions and rewards: appended to samples.jsonl and shown in tensorboard's text tab."""
+    with path.open("a") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    writer.add_text("cot/samples", "\n\n".join(
+        f"**env {r['env']}**, action `{r['action']}`{'' if r['valid'] else ' (invalid: random)'}, reward {r['reward']}\n\n"
+        f"```\n{r['prompt']}\n```\n\n```\n{r['output']}\n```" for r in records), global_step)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    args.batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > args.batch_size:
+        raise SystemExit(f"--minibatch-size {args.minibatch_size} exceeds the batch of {args.batch_size} samples per process.")
+    args.num_iterations = args.total_timesteps // (args.batch_size * world)
+    if args.total_timesteps > 0 and args.num_iterations == 0:
+        raise SystemExit(f"--total-timesteps {args.total_timesteps} is less than one iteration of {args.batch_size * world} "
+                        "steps (--num-envs x --num-steps x processes): raise it or shorten the rollout.")
+    resumed = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=True) if args.resume else None
+    lora_settings = [args.lora_r, args.lora_alpha, args.lora_target_modules]
+    if resumed is not None and [resumed["env_id"], resumed["model_id"], resumed["lora"]] != [args.env_id, args.model_id, lora_settings]:
+        raise SystemExit(f"--resume {args.resume} holds a run of {resumed['model_id']} on {resumed['env_id']} with LoRA r, alpha, "
+                        f"targets {resumed['lora']}: pass the same --model-id, --env-id, --lora-r, --lora-alpha, --lora-target-modules.")
+    run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # env and agent setup: everything that can fail on a bad flag happens before a run directory exists
+    env_seeds = [args.seed + rank * args.num_envs + i for i in range(args.num_envs)]
+    try:
+        action_names = list(make_env(args.env_id, env_seeds[0], with_image=False)().get_wrapper_attr("action_names"))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    model, processor = load_base_model(args.model_id, args.load_in_4bit, device)
+    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    model.eval()  # no dropout: the rollout and the update score the same policy
+    agent = Agent(model, processor, args.temperature, args.max_new_tokens, args.thought_coef)
+    envs = make_envs(args.env_id, env_seeds)
+
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}") if accelerator.is_main_process else None
+    if writer is not None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+
+    params = [p for p in agent.parameters() if p.requires_grad]  # LoRA and value head, in a fixed order
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    if world > 1:  # every process starts from rank 0's adapter and value head
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    global_step, start_iteration = 0, 1
+    if resumed is not None:
+        set_peft_model_state_dict(model, load_file(Path(args.resume) / "adapter" / "adapter_model.safetensors"))
+        agent.value_head.load_state_dict(resumed["value_head"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        global_step, start_iteration = resumed["global_step"], resumed["iteration"] + 1
+        torch.set_rng_state(resumed["rng_states"][rank % len(resumed["rng_states"])])
+    else:
+        torch.manual_seed(args.seed + rank)
+    if accelerator.is_main_process:
+        n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in agent.parameters())
+        print(f"trainable: {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%), "
+              f"chain of thought: {args.cot}, processes: {world}")
+
+    def prompts_of(obs: dict, infos: dict) -> tuple[list[str], list[str], np.ndarray]:
+        return observation_prompts(obs, infos, args.env_id, processor, action_names, args.cot)
+
+    image_shape = envs.single_observation_space["image"].shape
+
+    # ALGO Logic: Storage setup
+    obs_prompts = [[""] * args.num_envs for _ in range(args.num_steps)]
+    obs_images = torch.zeros((args.num_steps, args.num_envs) + image_shape, dtype=torch.uint8)
+    output_ids = torch.zeros((args.num_steps, args.num_envs, args.max_new_tokens), dtype=torch.long).to(device)
+    output_masks = torch.zeros((args.num_steps, args.num_envs, args.max_new_tokens), dtype=torch.bool).to(device)
+    action_starts = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+
+    # TRY NOT TO MODIFY: start the game
+    start_time, start_step = time.time(), global_step
+    next_obs, next_infos = envs.reset()
+    next_texts, next_prompts, next_images = prompts_of(next_obs, next_infos)
+    next_done = torch.zeros(args.num_envs).to(device)
+    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        if args.anneal_lr:  # cosine from --learning-rate down to END_LEARNING_RATE
+            frac = 0.5 * (1.0 + math.cos(math.pi * (iteration - 1.0) / args.num_iterations))
+            optimizer.param_groups[0]["lr"] = END_LEARNING_RATE + frac * (args.learning_rate - END_LEARNING_RATE)
+        finished = []  # (return, length, success) of this process's episodes in this rollout
+        n_invalid, thought_sum, action_sum = 0, 0.0, 0.0
+        rollout_start = time.time()
+
+        for step in range(0, args.num_steps):
+            global_step += args.num_envs * world
+            obs_prompts[step] = next_prompts
+            obs_images[step] = torch.from_numpy(next_images)
+            dones[step] = next_done
+
+            # ALGO LOGIC: action logic
+            with torch.no_grad():
+                output, output_texts, scored, value = agent.get_action_and_value(next_prompts, next_images)
+                values[step] = value.flatten()
+            action, valid = env_actions(output_texts, action_names)
+            output_ids[step], output_masks[step], action_starts[step] = output
+            logprobs[step] = scored.log_prob
+            n_invalid += int((~valid).sum())
+            thought_sum, action_sum = thought_sum + scored.thought.sum().item(), action_sum + scored.action.sum().item()
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
+            if writer is not None and args.sample_every > 0 and iteration % args.sample_every == 0 and step == args.num_steps - 1:
+                log_samples(writer, Path(f"runs/{run_name}/samples.jsonl"), [
+                    {"iteration": iteration, "global_step": global_step, "env": i, "prompt": next_texts[i],
+                     "output": output_texts[i], "action": action_names[action[i]], "valid": bool(valid[i]),
+                     "reward": float(reward[i])} for i in range(args.num_envs)], global_step)
+            episode_return, episode_length = episode_return + reward, episode_length + 1
+            truncated = np.flatnonzero(truncations & ~terminations)
+            if len(truncated) > 0:  # bootstrap a time-limit cut: r + gamma * V(final observation)
+                final_obs = {k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission", "image")}
+                final_infos = {k: v[truncated] for k, v in infos["final_info"].items() if k == "formula"}
+                with torch.no_grad():
+                    final_value = agent.get_value(*prompts_of(final_obs, final_infos)[1:])
+                reward[truncated] += args.gamma * final_value.cpu().numpy()
+            next_done_np = np.logical_or(terminations, truncations)
+            rewards[step] = torch.tensor(reward).to(device).view(-1)
+            next_texts, next_prompts, next_images = prompts_of(next_obs, infos)
+            next_done = torch.Tensor(next_done_np).to(device)
+            for i in np.flatnonzero(next_done_np):
+                finished.append((float(episode_return[i]), int(episode_length[i]), bool(infos["final_info"]["success"][i])))
+                if writer is not None:
+                    print(f"global_step={global_step}, episodic_return={episode_return[i]:.3f}")
+                    writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
+                    writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
+                episode_return[i], episode_length[i] = 0.0, 0
+        rollout_time, rollout_tokens = time.time() - rollout_start, int(output_masks.sum())
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(next_prompts, next_images).reshape(1, -1)
+            advantages = torch.zeros_like(rewards).to(device)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
+
+        # flatten the batch
+        b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
+        b_images = obs_images.reshape((-1,) + image_shape)
+        b_output = Output(output_ids.reshape(-1, args.max_new_tokens), output_masks.reshape(-1, args.max_new_tokens),
+                          action_starts.reshape(-1))
+        b_logprobs = logprobs.reshape(-1)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+        if args.norm_adv:  # over the whole batch, as the authors do: a minibatch of one sample has no spread
+            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
+
+        # Optimizing the policy and value network
+        clipfracs = []
+        n_micro = 0
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size).tolist()
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
+                mb_inds = b_inds[start:end]
+                mb_output = Output(*(x[mb_inds] for x in b_output))  # the tokens sampled in the rollout, scored anew
+                _, _, newscored, newvalue = agent.get_action_and_value([b_prompts[i] for i in mb_inds],
+                                                                       b_images[mb_inds].numpy(), mb_output)
+                logratio = newscored.log_prob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss, clipped as in the authors' code
+                newvalue = newvalue.view(-1)
+                v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+
+                entropy_loss = newscored.entropy.mean()  # logged only: the paper adds no entropy bonus
+                loss = pg_loss + v_loss * args.vf_coef
+
+                (loss / args.gradient_accumulation_steps).backward()
+                n_micro += 1
+                if n_micro % args.gradient_accumulation_steps == 0 or end >= args.batch_size:
+                    if world > 1:  # average the gradients over processes, as DDP would
+                        flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                        offset = 0
+                        for p in params:
+                            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                            offset += p.numel()
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    n_micro = 0
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # all processes: finished episodes, their summed return, length and successes, invalid actions, log-probs, tokens
+        sums = [len(finished), *(map(sum, zip(*finished)) if finished else [0, 0, 0]), n_invalid, thought_sum,
+                action_sum, rollout_tokens]
+        totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum")
+        if accelerator.is_main_process:
+            n_samples = args.batch_size * world
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("cot/invalid_action_rate", totals[4] / n_samples, global_step)
+            writer.add_scalar("cot/thought_log_prob", totals[5] / n_samples, global_step)
+            writer.add_scalar("cot/action_log_prob", totals[6] / n_samples, global_step)
+            writer.add_scalar("cot/output_tokens", totals[7] / n_samples, global_step)
+            if totals[0] > 0:
+                writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
+            mean_return = f"{totals[1] / totals[0]:.3f}" if totals[0] > 0 else "-"
+            success = f"{totals[3] / totals[0]:.2f}" if totals[0] > 0 else "-"
+            print(f"iteration {iteration}/{args.num_iterations} step {global_step} SPS {sps} episodes {int(totals[0])} "
+                  f"return {mean_return} success {success} invalid {totals[4] / n_samples:.2f} "
+                  f"tokens/s {totals[7] / rollout_time:.0f}", flush=True)
+
+        if args.save_model:
+            rng_states = gather_object([torch.get_rng_state()])
+            if accelerator.is_main_process:
+                save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
+                                {"run_name": run_name, "env_id": args.env_id, "model_id": args.model_id, "lora": lora_settings,
+                                 "global_step": global_step, "iteration": iteration, "rng_states": rng_states})
+    envs.close()
+
+    if args.eval_episodes > 0 and accelerator.is_main_process:
+        eval_valid = []
+
+        def policy(obs: dict, infos: dict) -> np.ndarray:
+            with torch.no_grad():
+                _, texts, _, _ = agent.get_action_and_value(*prompts_of(obs, infos)[1:])
+            eval_action, valid = env_actions(texts, action_names)
+            eval_valid.extend(valid)
+            return eval_action.numpy()
+
+        episodes = evaluate(policy, make_envs(args.env_id, env_seeds), args.eval_episodes)
+        for i, (episodic_return, _, _) in enumerate(episodes):
+            writer.add_scalar("eval/episodic_return", episodic_return, i)
+        eval_returns, success, invalid = np.array([e[0] for e in episodes]), np.mean([e[2] for e in episodes]), 1 - np.mean(eval_valid)
+        writer.add_scalar("eval/success_rate", success, 0)
+        writer.add_scalar("eval/invalid_action_rate", invalid, 0)
+        print(f"eval ({args.model_id}, {len(episodes)} episodes): return {eval_returns.mean():.3f} +- {eval_returns.std():.3f}, "
+              f"success rate {success:.2f}, invalid actions {invalid:.2f}")
+    accelerator.wait_for_everyone()
+    if writer is not None:
+        writer.close()
