@@ -48,6 +48,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     BitsAndBytesConfig,
+    IdeficsProcessor,
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import (
@@ -60,12 +61,14 @@ import text_envs
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
 # q/k/v of the language model's self-attention only (not the vision tower, not cross-attention):
-# SmolVLM / Idefics2 / Idefics3 `text_model`, LLaVA / Qwen2-VL `language_model`, text-only LMs `model`.
+# SmolVLM / Idefics2 / Idefics3 `text_model`, LLaVA / Qwen2-VL `language_model`, Idefics (v1) and text-only LMs `model`.
 LANGUAGE_MODEL_QKV = r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj)"
 FROZENLAKE_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} Avoid the traps! "
                              "What's the next best action?")
 LISTING_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} The possible actions are: {actions}. "
                           "What's the next best action?")
+# Idefics (v1) instruct's dialogue format, written out rather than left to a chat template; the image goes at <image>.
+IDEFICS_V1_PROMPT, IDEFICS_V1_IMAGE = "User:{image}{text}<end_of_utterance>\nAssistant:", "<image>"
 # The leading space separates the action prompt from the chat template's "Assistant:".
 ACTION_TEMPLATE = " Based on the information provided, the next best action would be to {action}"
 
@@ -256,9 +259,6 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SystemExit(f"cannot load model {model_id!r} ({reason}).") from None
-    if config.model_type == "idefics":
-        raise SystemExit(f"{model_id!r} is Idefics (v1), whose gated cross-attention to images this script does not "
-                         "implement: use its successors Idefics2 / Idefics3 / SmolVLM, or LLaVA or Qwen2-VL.")
     reads_images = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     if not reads_images and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise SystemExit(f"model {model_id!r} ({config.model_type}) is neither a vision-language model nor a "
@@ -290,6 +290,8 @@ def format_state_prompt(processor: object, template: str, description: str, acti
                         with_image: bool) -> str:
     """The state prompt P in the model's chat format: the image, then the filled template (Fig. 1)."""
     text = template.format(description=description, actions=", ".join(action_names))
+    if isinstance(processor, IdeficsProcessor):
+        return IDEFICS_V1_PROMPT.format(image=IDEFICS_V1_IMAGE if with_image else " ", text=text)
     if hasattr(processor, "image_processor"):  # a VLM's processor
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
     elif getattr(processor, "chat_template", None) is not None:  # a text-only LM's tokenizer
@@ -298,6 +300,16 @@ def format_state_prompt(processor: object, template: str, description: str, acti
         return text
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
+
+
+def encode_states(processor: object, prompts: Sequence[str], images: Sequence[np.ndarray] | None) -> dict:
+    """The left-padded state prompts, each with its image (Idefics v1 takes text and images as one sequence)."""
+    if not isinstance(processor, IdeficsProcessor):
+        image_kwargs = {"images": [[image] for image in images]} if images is not None else {}
+        return processor(text=list(prompts), padding=True, padding_side="left", return_tensors="pt", **image_kwargs)
+    parts = [prompt.partition(IDEFICS_V1_IMAGE) for prompt in prompts]  # given `images=`, it appends them instead
+    samples = [[p[0], image, p[2]] for p, image in zip(parts, images)] if images is not None else [[p] for p in prompts]
+    return processor(text=samples, padding=True, padding_side="left", return_tensors="pt")
 
 
 def shared_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
@@ -339,10 +351,8 @@ def score_actions_and_state(model: nn.Module, processor: object, state_prompts: 
     """Score every action prompt after every state prompt, encoding each state (image included) once."""
     tokenizer = getattr(processor, "tokenizer", processor)
     device = model.device
-    image_kwargs = {"images": [[image] for image in images]} if images is not None else {}
     # Left padding puts the last state-prompt token of every row in the same (last) column.
-    enc = processor(text=list(state_prompts), padding=True, padding_side="left", return_tensors="pt",
-                    **image_kwargs).to(device)
+    enc = encode_states(processor, state_prompts, images).to(device)
     action_ids = tokenizer(list(action_prompts), add_special_tokens=False)["input_ids"]
     n_shared = shared_prefix_length(action_ids)  # e.g. "Based on ... would be to": scored once per state
     suffixes = [ids[n_shared:] for ids in action_ids]
@@ -353,6 +363,9 @@ def score_actions_and_state(model: nn.Module, processor: object, state_prompts: 
     positions, next_position = prefix_positions(model, enc)
     mask = torch.cat([enc["attention_mask"], torch.ones_like(shared_ids)], dim=1)
     pixel_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    image_mask = enc.get("image_attention_mask")  # Idefics v1: the images each token cross-attends to
+    if image_mask is not None:  # action tokens attend to what the last state-prompt token does
+        pixel_inputs["image_attention_mask"] = torch.cat([image_mask, image_mask[:, -1:].expand(-1, n_shared, -1)], 1)
     out = model(input_ids=torch.cat([enc["input_ids"], shared_ids], dim=1), attention_mask=mask,
                 position_ids=torch.cat([positions, extend_positions(positions, next_position, n_shared)], dim=-1),
                 use_cache=True, output_hidden_states=True, logits_to_keep=n_shared + 1, **pixel_inputs)
@@ -373,9 +386,14 @@ def score_actions_and_state(model: nn.Module, processor: object, state_prompts: 
         cache = out.past_key_values
         cache.batch_repeat_interleave(n_actions)  # row b * A + i: state b, action i (differentiable copies)
         start = (next_position + n_shared).repeat_interleave(n_actions)
+        image_inputs = {}
+        if image_mask is not None:  # Idefics v1's cross-attention is not cached: it reads the image features again
+            features = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
+            image_inputs = {features: out.image_hidden_states.repeat_interleave(n_actions, 0), "image_attention_mask":
+                            image_mask[:, -1:].expand(-1, cont_len, -1).repeat_interleave(n_actions, 0)}
         cont = model(input_ids=inputs.repeat(batch, 1), past_key_values=cache, use_cache=True,
                      attention_mask=torch.cat([mask.repeat_interleave(n_actions, 0), cont_mask.repeat(batch, 1)], 1),
-                     position_ids=extend_positions(positions, start, cont_len))
+                     position_ids=extend_positions(positions, start, cont_len), **image_inputs)
         cont_logprob = cont.logits.float().log_softmax(-1).gather(-1, targets.repeat(batch, 1)[..., None]).squeeze(-1)
         token_logprob = token_logprob + (cont_logprob * cont_mask.repeat(batch, 1)).sum(-1).view(batch, n_actions)
         n_tokens += batch * int(cont_mask.sum())

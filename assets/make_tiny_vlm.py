@@ -2,10 +2,10 @@
 
 Usage: python assets/make_tiny_vlm.py [OUT_DIR]   (default: assets/tiny-smolvlm)
 
-Both models use the real transformers architectures (Idefics3 = SmolVLM, and LLaVA) with a
-byte-level BPE tokenizer trained locally, so they load through AutoProcessor and
-AutoModelForImageTextToText exactly like the released checkpoints. The weights are random:
-use them to exercise code paths, never to measure anything.
+The models use the real transformers architectures (Idefics3 = SmolVLM, LLaVA, and Idefics v1 with
+its gated cross-attention to the image) with a byte-level BPE tokenizer trained locally, so they
+load through AutoProcessor and AutoModelForImageTextToText exactly like the released checkpoints.
+The weights are random: use them to exercise code paths, never to measure anything.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from transformers import (
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
+    IdeficsConfig,
+    IdeficsForVisionText2Text,
+    IdeficsImageProcessorPil,
+    IdeficsProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -47,6 +51,10 @@ SMOLVLM_IMAGE_SEQ_LEN = (SMOLVLM_IMAGE_SIZE // SMOLVLM_PATCH_SIZE) ** 2 // SMOLV
 LLAVA_IMAGE_SIZE = 32
 LLAVA_PATCH_SIZE = 8
 LLAVA_IMAGE_SEQ_LEN = (LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2
+
+IDEFICS_IMAGE_SIZE = 32
+IDEFICS_PATCH_SIZE = 8
+IDEFICS_PERCEIVER_LATENTS = 8
 
 SMOLVLM_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
@@ -83,6 +91,9 @@ SMOLVLM_SPECIAL_TOKENS = [
 ] + [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
 
 LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+# idefics-9b-instruct's: the LLaMA tokens (padding with <unk>), the image tokens and the end of a dialogue turn
+IDEFICS_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<end_of_utterance>", "<fake_token_around_image>", "<image>"]
 
 
 def build_byte_level_tokenizer(
@@ -223,6 +234,46 @@ def build_tiny_llava(path: str) -> str:
         vision_feature_layer=-2,
     )
     save_model(LlavaForConditionalGeneration(config), tokenizer, path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_tiny_idefics(path: str) -> str:
+    """Build a tiny Idefics (v1) checkpoint with its processor in path and return path.
+
+    Like idefics-9b-instruct: a CLIP-style vision encoder, a perceiver resampler, and Llama decoder layers
+    that read the image through gated cross-attention layers (here one before every decoder layer, with
+    the gates open: tanh(1) instead of the untrained zero). The processor has no chat template (the
+    script writes Idefics' dialogue format itself); the base weights are left trainable for gradient tests.
+    """
+    torch.manual_seed(SEED)
+    tokenizer = build_byte_level_tokenizer(
+        IDEFICS_SPECIAL_TOKENS, None, bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_token="<unk>"
+    )
+    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=IDEFICS_IMAGE_SIZE),
+                                 tokenizer=tokenizer)
+    config = IdeficsConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        cross_layer_interval=1,
+        alpha_initializer="ones",
+        use_resampler=True,
+        freeze_text_layers=False,
+        freeze_vision_layers=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vision_config={"embed_dim": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": NUM_LAYERS,
+                       "num_attention_heads": NUM_HEADS, "image_size": IDEFICS_IMAGE_SIZE,
+                       "patch_size": IDEFICS_PATCH_SIZE},
+        perceiver_config={"use_resampler": True, "resampler_n_latents": IDEFICS_PERCEIVER_LATENTS,
+                          "resampler_depth": 1, "resampler_n_heads": NUM_HEADS,
+                          "resampler_head_dim": HIDDEN // NUM_HEADS},
+    )
+    save_model(IdeficsForVisionText2Text(config), tokenizer, path)
     processor.save_pretrained(path)
     return path
 

@@ -32,3 +32,11 @@ def tiny_llava_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     from make_tiny_vlm import build_tiny_llava
 
     return build_tiny_llava(str(tmp_path_factory.mktemp("tiny-llava")))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Directory of a freshly built tiny Idefics (v1, gated cross-attention) checkpoint with its processor."""
+    from make_tiny_vlm import build_tiny_idefics
+
+    return build_tiny_idefics(str(tmp_path_factory.mktemp("tiny-idefics")))

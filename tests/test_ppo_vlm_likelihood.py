@@ -22,7 +22,7 @@ import torch
 from bitsandbytes.nn import Linear4bit
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaForCausalLM
+from transformers import AutoModelForImageTextToText, AutoProcessor, IdeficsProcessor, LlamaForCausalLM
 
 import ppo_vlm_likelihood as ppo
 import text_envs
@@ -30,7 +30,7 @@ from benchmarks.bench_likelihood_scoring import score_actions_full_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO_ROOT / "ppo_vlm_likelihood.py")
-ARCHS = ["smolvlm", "llava"]
+ARCHS = ["smolvlm", "llava", "idefics"]
 DESCRIPTIONS = [
     "You are facing east.",
     "You are facing west. You see a blue key 1 step ahead and 1 step to the left. Your mission: go get a blue key.",
@@ -88,14 +88,19 @@ def states(processor, with_image: bool = True) -> tuple[list[str], list[np.ndarr
 def hand_score(model, processor, prompt: str, image: np.ndarray | None, action: str, reduction: str) -> torch.Tensor:
     """One full prompt, one forward pass, log_softmax, gather the action's tokens, reduce."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    enc = (
-        processor(text=prompt, images=[image], return_tensors="pt")
-        if image is not None
-        else processor(prompt, return_tensors="pt")
-    )
+    if isinstance(processor, IdeficsProcessor):  # v1 reads text and images as one interleaved sequence
+        before, _, after = prompt.partition("<image>")
+        enc = processor(text=[[before, image, after] if image is not None else [prompt]], return_tensors="pt")
+    elif image is not None:
+        enc = processor(text=prompt, images=[image], return_tensors="pt")
+    else:
+        enc = processor(prompt, return_tensors="pt")
     action_ids = tokenizer(action, add_special_tokens=False)["input_ids"]
     ids = torch.cat([enc["input_ids"], torch.tensor([action_ids])], dim=1)
     extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    if "image_attention_mask" in extra:  # Idefics v1: the action's tokens cross-attend like the prompt's last token
+        mask = extra["image_attention_mask"]
+        extra["image_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, len(action_ids), -1)], dim=1)
     logprobs = model(input_ids=ids, **extra).logits[0].log_softmax(-1)
     start = enc["input_ids"].shape[1] - 1
     token_logprobs = torch.stack([logprobs[start + j, t] for j, t in enumerate(action_ids)])
@@ -159,15 +164,25 @@ def test_score_actions_without_shared_tokens(vlm) -> None:
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
 
 
+def hand_scores(model, processor, prompts, images, action_prompts, reduction: str) -> torch.Tensor:
+    """[B, A] hand_score of every (state, action) pair: one full prompt at a time."""
+    return torch.stack([torch.stack([hand_score(model, processor, p, im, a, reduction) for a in action_prompts])
+                        for p, im in zip(prompts, images)])
+
+
 def test_shared_prefix_equals_full_prompts_with_gradients(vlm) -> None:
     """Shared-prefix scores and their gradients equal scoring one full prompt per action (1e-4, fp32)."""
-    _, model, processor = vlm
+    arch, model, processor = vlm
     prompts, images = states(processor)
     action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
     weights = torch.randn(len(prompts), len(action_prompts), generator=torch.Generator().manual_seed(0))
-    params = [p for name, p in model.named_parameters() if "text_model" in name or "language_model" in name]
+    # Idefics v1: the decoder, its gated cross-attention and the perceiver (whose output pass 2 reuses)
+    params = [p for name, p in model.named_parameters()
+              if re.search(r"text_model|language_model|model\.layers|gated_cross_attn|perceiver", name)]
+    # the benchmark's batched full prompts hand images over with `images=`, which Idefics v1 appends to the text
+    full_prompts = hand_scores if arch == "idefics" else score_actions_full_prompts
     results = []
-    for scorer in (ppo.score_actions, score_actions_full_prompts):
+    for scorer in (ppo.score_actions, full_prompts):
         scores = scorer(model, processor, prompts, images, action_prompts, "mean")
         grads = torch.autograd.grad((scores * weights).sum(), params)
         results.append((scores.detach(), grads))
@@ -269,7 +284,7 @@ def test_lora_targets_the_language_model_attention_only() -> None:
     targets = [
         "model.text_model.layers.0.self_attn.q_proj",  # SmolVLM / Idefics3 / Idefics2
         "model.language_model.layers.11.self_attn.v_proj",  # LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL
-        "model.layers.3.self_attn.k_proj",  # text-only LMs
+        "model.layers.3.self_attn.k_proj",  # Idefics (v1), text-only LMs
         "base_model.model.model.text_model.layers.1.self_attn.k_proj",
     ]
     others = [
@@ -277,12 +292,43 @@ def test_lora_targets_the_language_model_attention_only() -> None:
         "model.vision_tower.vision_model.encoder.layers.0.self_attn.k_proj",  # CLIP
         "model.connector.perceiver_resampler.layers.0.self_attn.q_proj",  # Idefics2 resampler
         "model.gated_cross_attn_layers.0.cross_attn.q_proj",  # Idefics cross-attention
+        "model.perceiver_resampler.blocks.0.0.q_proj",  # Idefics resampler
         "model.visual.blocks.0.attn.qkv",  # Qwen2-VL vision
         "model.text_model.layers.0.self_attn.o_proj",
         "model.text_model.layers.0.mlp.up_proj",
     ]
     assert all(pattern.fullmatch(name) for name in targets)
     assert not any(pattern.fullmatch(name) for name in others)
+
+
+def test_idefics_v1_reads_the_image_and_trains(tiny_idefics_path: str, monkeypatch, tmp_path: Path) -> None:
+    """The paper's Idefics (v1) loads through the Auto classes, sees the image before the state text, gets LoRA on its
+    decoder's self-attention q/k/v only (not cross-attention, resampler or vision), and trains end to end."""
+    model, processor, reads_images = ppo.load_base_model(tiny_idefics_path, False, torch.device("cpu"))
+    assert reads_images and type(model).__name__ == "IdeficsForVisionText2Text"
+    prompts, images = states(processor)
+    enc = ppo.encode_states(processor, prompts, images)
+    text = processor.tokenizer.decode(enc["input_ids"][0][enc["attention_mask"][0].bool()])
+    assert text.startswith("<s>User:<fake_token_around_image><image><fake_token_around_image>I am the agent")
+    assert text.endswith("What's the next best action?<end_of_utterance>\nAssistant:")
+    action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
+    with torch.no_grad():  # the scores depend on the image (the cross-attention gates are open)
+        scores = ppo.score_actions(model, processor, prompts, images, action_prompts)
+        black = ppo.score_actions(model, processor, prompts, [np.zeros_like(im) for im in images], action_prompts)
+        assert (scores - black).abs().max() > 1e-3
+        text_prompts, _ = states(processor, with_image=False)  # --no-image
+        assert text_prompts[0].startswith("User: I am the agent")
+        torch.testing.assert_close(ppo.score_actions(model, processor, text_prompts, None, action_prompts),
+                                   hand_scores(model, processor, text_prompts, [None] * 3, action_prompts, "mean"),
+                                   atol=1e-4, rtol=1e-5)
+    lora = ppo.add_lora(model, 8, 16, ppo.LANGUAGE_MODEL_QKV)
+    adapted = {name.split(".lora_")[0] for name, _ in lora.named_parameters() if ".lora_" in name}
+    assert adapted == {f"base_model.model.model.layers.{i}.self_attn.{proj}" for i in range(2)
+                       for proj in ("q_proj", "k_proj", "v_proj")}
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_idefics_path, "--total-timesteps", "8", "--num-steps",
+                   "4", *TRAIN_FLAGS)
+    assert g["global_step"] == 8 and g["agent"].with_image
+    assert any(p.abs().sum() > 0 for name, p in g["agent"].named_parameters() if "lora_B" in name)
 
 
 def test_4bit_lora_update_changes_only_lora_and_value_head(tiny_smolvlm_path: str) -> None:
@@ -496,13 +542,3 @@ def test_text_only_model_rejects_image_options(tiny_text_lm_path: str, monkeypat
     message = script_error(monkeypatch, tmp_path, "--model-id", tiny_text_lm_path, "--image-size", "64",
                            "--total-timesteps", "0", "--eval-episodes", "1")
     assert "text-only model" in message
-
-
-def test_idefics_v1_is_refused_clearly(monkeypatch, tmp_path: Path) -> None:
-    """The paper's Idefics (v1) cross-attends to images, which the scorer does not implement: a clear error, no crash."""
-    from transformers import IdeficsConfig
-
-    IdeficsConfig().save_pretrained(tmp_path / "idefics")
-    message = script_error(monkeypatch, tmp_path, "--model-id", str(tmp_path / "idefics"), "--total-timesteps", "0",
-                           "--eval-episodes", "1")
-    assert "Idefics (v1)" in message
