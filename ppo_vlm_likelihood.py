@@ -70,6 +70,7 @@ LISTING_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} 
 # Idefics (v1) instruct's dialogue format, written out rather than left to a chat template; the image goes at <image>.
 IDEFICS_V1_PROMPT, IDEFICS_V1_IMAGE = "User:{image}{text}<end_of_utterance>\nAssistant:", "<image>"
 # The leading space separates the action prompt from the chat template's "Assistant:".
+RESUME_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")  # a checkpoint fixes these
 ACTION_TEMPLATE = " Based on the information provided, the next best action would be to {action}"
 
 
@@ -552,9 +553,9 @@ if __name__ == "__main__":
         raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.batch_size} samples "
                          "per process: lower it.")
     resumed = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=True) if args.resume else None
-    if resumed is not None and (resumed["env_id"], resumed["model_id"]) != (args.env_id, args.model_id):
-        raise SystemExit(f"--resume {args.resume} holds a run of {resumed['model_id']} on {resumed['env_id']}: "
-                         "pass the same --model-id and --env-id.")
+    if resumed is not None and any(resumed.get(k) != getattr(args, k) for k in RESUME_FLAGS):
+        raise SystemExit(f"--resume {args.resume} was trained with other settings: pass the same "
+                         + " ".join(f"--{k.replace('_', '-')} {resumed.get(k)!r}" for k in RESUME_FLAGS) + ".")
     run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
@@ -780,7 +781,7 @@ if __name__ == "__main__":
             rng_states = gather_object([torch.get_rng_state()])
             if accelerator.is_main_process:
                 save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
-                                {"run_name": run_name, "env_id": args.env_id, "model_id": args.model_id,
+                                {"run_name": run_name, **{k: getattr(args, k) for k in RESUME_FLAGS},
                                  "global_step": global_step, "iteration": iteration, "rng_states": rng_states})
     envs.close()
 

@@ -421,6 +421,10 @@ def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
     assert lines[0].startswith(f"iteration {done + 1}/{done + 2} step {(done + 1) * 8} ")
     assert len(lines) == 2
     assert torch.load(state_file, weights_only=True)["iteration"] == done + 2
+    # a checkpoint fixes the LoRA shape: other LoRA flags are one sentence, not a size-mismatch traceback
+    with pytest.raises(SystemExit, match="trained with other settings: .*--lora-r 8 "):
+        run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--num-steps", "4",
+                   "--resume", str(state_file.parent), *TRAIN_FLAGS, "--lora-r", "16")
 
 
 def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: Path) -> None:
