@@ -341,7 +341,8 @@ def evaluate(
                 returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
                 successes[i].append(bool(infos["final_info"]["success"][i]))
     envs.close()
-    return sum(returns, []), sum(successes, [])
+    all_returns = [r for env_returns in returns for r in env_returns]
+    return all_returns, [s for env_successes in successes for s in env_successes]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import importlib.util
 import re
-import os
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ RESUMABLE = ["--env-id", "FrozenLake8x8", "--obs", "state", *TINY, "--total-time
 def run_script(cwd: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the script in `cwd` (where it writes runs/) and return the finished process."""
     return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def run_dir(cwd: Path) -> Path:
