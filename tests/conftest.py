@@ -40,3 +40,14 @@ def tiny_idefics_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     from make_tiny_vlm import build_tiny_idefics
 
     return build_tiny_idefics(str(tmp_path_factory.mktemp("tiny-idefics")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread per test module: on 2 shared cores, more threads only wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

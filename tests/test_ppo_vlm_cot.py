@@ -4,11 +4,10 @@ no-CoT and eval-only modes, resuming, two processes, the model fallback and the 
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
-import os
 import re
-import runpy
 import subprocess
 import sys
 import threading
@@ -17,29 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from script_helpers import SUBPROCESS_ENV, exit_message, run_as_main, scalar_tags
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import ppo_vlm_cot as ppo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO_ROOT / "ppo_vlm_cot.py")
+run_script = functools.partial(run_as_main, SCRIPT)
+script_error = functools.partial(exit_message, SCRIPT)
 ARCHS = ["smolvlm", "llava"]
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TINY_FLAGS = ["--num-envs", "2", "--num-steps", "4", "--max-new-tokens", "10", "--gradient-accumulation-steps", "4",
               "--update-epochs", "1", "--lora-r", "8", "--lora-alpha", "16"]
 NUMBERS = [str(n) for n in range(1, 11)]
 EZPOINTS_ACTIONS = NUMBERS + ["+", "*", "="]
 TEMPERATURE = 0.2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on 2 shared cores, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -49,28 +41,10 @@ def vlm(request: pytest.FixtureRequest):
     return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
-def run_script(monkeypatch: pytest.MonkeyPatch, workdir: Path, *argv: str) -> dict:
-    """Run ppo_vlm_cot.py in this process (as `python ppo_vlm_cot.py ARGV`); its globals at the end."""
-    monkeypatch.chdir(workdir)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
-    return runpy.run_path(SCRIPT, run_name="__main__")
 
 
-def script_error(monkeypatch: pytest.MonkeyPatch, workdir: Path, *argv: str) -> str:
-    """The message the script exits with for ARGV: one line, which Python prints to stderr without a traceback
-    before it exits with status 1."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_script(monkeypatch, workdir, *argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message and "\n" not in message, message
-    return message
 
 
-def scalar_tags(run_dir: Path) -> set[str]:
-    """TensorBoard scalar tags written to a run directory."""
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return set(events.Tags()["scalars"])
 
 
 # --------------------------------------------------------------------------------------------

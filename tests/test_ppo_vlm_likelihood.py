@@ -3,10 +3,9 @@ updates, end-to-end runs, two processes, resuming, evaluation, the model fallbac
 
 from __future__ import annotations
 
+import functools
 import http.server
-import os
 import re
-import runpy
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from peft import PeftModel
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from script_helpers import SUBPROCESS_ENV, exit_message, run_as_main, scalar_tags
 from transformers import AutoModelForImageTextToText, AutoProcessor, IdeficsProcessor, LlamaForCausalLM
 
 import ppo_vlm_likelihood as ppo
@@ -30,6 +29,8 @@ from benchmarks.bench_likelihood_scoring import score_actions_full_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO_ROOT / "ppo_vlm_likelihood.py")
+run_script = functools.partial(run_as_main, SCRIPT)
+script_error = functools.partial(exit_message, SCRIPT)
 ARCHS = ["smolvlm", "llava", "idefics"]
 DESCRIPTIONS = [
     "You are facing east.",
@@ -38,19 +39,10 @@ DESCRIPTIONS = [
 ]
 # Different token lengths, a shared template prefix, and one action that is a prefix of another.
 ACTION_WORDS = ["move forward", "move left", "pick up", "move back", "move"]
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # small images (the fixtures see 64 or 32 pixels anyway), tiny LoRA, short rollouts
 TRAIN_FLAGS = ["--num-envs", "2", "--num-minibatches", "4", "--gradient-accumulation-steps", "2", "--lora-r", "8",
                "--image-size", "64"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on 2 shared cores, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -108,28 +100,10 @@ def hand_score(model, processor, prompt: str, image: np.ndarray | None, action: 
             "word": token_logprobs.sum() / len(action.split())}[reduction]
 
 
-def run_script(monkeypatch: pytest.MonkeyPatch, workdir: Path, *argv: str) -> dict:
-    """Run ppo_vlm_likelihood.py in this process (as `python ppo_vlm_likelihood.py ARGV`); its globals at the end."""
-    monkeypatch.chdir(workdir)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
-    return runpy.run_path(SCRIPT, run_name="__main__")
 
 
-def script_error(monkeypatch: pytest.MonkeyPatch, workdir: Path, *argv: str) -> str:
-    """The message the script exits with for ARGV: one line in a SystemExit, which Python prints to stderr, without a
-    traceback, before exiting with status 1."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_script(monkeypatch, workdir, *argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message and "\n" not in message, message
-    return message
 
 
-def scalar_tags(run_dir: Path) -> set[str]:
-    """TensorBoard scalar tags written to a run directory."""
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return set(events.Tags()["scalars"])
 
 
 # --------------------------------------------------------------------------------------------
