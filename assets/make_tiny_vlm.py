@@ -278,6 +278,43 @@ def build_tiny_idefics(path: str) -> str:
     return path
 
 
+
+def build_smolvlm_256m_shaped(corpus: list[str], full_vision: bool = True) -> tuple[
+        Idefics3ForConditionalGeneration, Idefics3Processor]:
+    """In memory, for benchmarks: random-weight Idefics3 with SmolVLM-256M-Instruct's sizes (64 image tokens per
+    512-px image; `full_vision=False` shrinks the vision tower to 64 px and 16 tokens) and a byte-level BPE
+    tokenizer trained on `corpus`, about one token per word like SmolVLM's own."""
+    torch.manual_seed(SEED)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(corpus, trainer=trainer)
+    backend.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
+                                        eos_token="<end_of_utterance>", pad_token="<|im_end|>",
+                                        unk_token="<|endoftext|>", chat_template=SMOLVLM_CHAT_TEMPLATE)
+    side, patch, scale, seq_len = (512, 16, 4, 64) if full_vision else (64, 8, 2, 16)
+    width, layers, heads = (768, 12, 12) if full_vision else (192, 2, 3)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": side}, max_image_size={"longest_edge": side},
+                                                do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
+                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(image_size=side, patch_size=patch, hidden_size=width,
+                                           intermediate_size=4 * width, num_hidden_layers=layers,
+                                           num_attention_heads=heads),
+        text_config=LlamaConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                                max_position_embeddings=8192, tie_word_embeddings=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+        scale_factor=scale, image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
 if __name__ == "__main__":
     out_dir = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parent / "tiny-smolvlm")
     build_tiny_smolvlm(out_dir)

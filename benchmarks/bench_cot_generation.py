@@ -41,62 +41,18 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large tensors via mmap, handed
 import numpy as np
 import psutil
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
-    Idefics3Processor,
-    Idefics3VisionConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "assets")]
 
-from make_tiny_vlm import SMOLVLM_CHAT_TEMPLATE, SMOLVLM_SPECIAL_TOKENS
+from make_tiny_vlm import build_smolvlm_256m_shaped
 
 import ppo_vlm_cot as cot
 import text_envs
-
-
-def prompt_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the env's prompts and JSON answers: about one token per word."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(corpus, trainer=trainer)
-    backend.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=SMOLVLM_CHAT_TEMPLATE)
-
-
-def smolvlm_256m_text_model(corpus: list[str], full_vision: bool) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
-    """Random-weight Idefics3 with SmolVLM-256M-Instruct's text model, and a full or shrunk vision tower."""
-    torch.manual_seed(0)
-    tokenizer = prompt_tokenizer(corpus)
-    side, patch, scale, seq_len = (512, 16, 4, 64) if full_vision else (64, 8, 2, 16)
-    width, layers, heads = (768, 12, 12) if full_vision else (192, 2, 3)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": side}, max_image_size={"longest_edge": side},
-                                                do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(image_size=side, patch_size=patch, hidden_size=width, intermediate_size=4 * width,
-                                           num_hidden_layers=layers, num_attention_heads=heads),
-        text_config=LlamaConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                                max_position_embeddings=8192, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id),
-        scale_factor=scale, image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Idefics3ForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
 
 
 class PeakMemory:
@@ -230,7 +186,7 @@ def main() -> None:
     tiny = cot.FALLBACK_MODEL_DIR
     results = {"tiny": measure_model("tiny", AutoModelForImageTextToText.from_pretrained(tiny).eval(),
                                      AutoProcessor.from_pretrained(tiny), args, 4 * args.steps, device)}
-    model, processor = smolvlm_256m_text_model(corpus, args.full_vision)
+    model, processor = build_smolvlm_256m_shaped(corpus, args.full_vision)
     results["smolvlm-256m"] = measure_model("smolvlm-256m", model, processor, args, args.steps, device)
 
     print(f"\n| model | rollout ({args.num_envs} envs) | env steps / s | generated tokens / s | tokens per output |")

@@ -38,21 +38,11 @@ from typing import Self
 import numpy as np
 import psutil
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
-    Idefics3Processor,
-    Idefics3VisionConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "assets")]
 
-from make_tiny_vlm import SMOLVLM_CHAT_TEMPLATE, SMOLVLM_SPECIAL_TOKENS
+from make_tiny_vlm import build_smolvlm_256m_shaped
 
 import text_envs
 from ppo_vlm_likelihood import (
@@ -97,40 +87,8 @@ def score_actions_full_prompts(model: torch.nn.Module, processor: object, state_
     return token_logprob / torch.tensor([len(p.split()) for p in action_prompts], device=device)
 
 
-def prompt_tokenizer(corpus: Sequence[str]) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the env's prompts: about one token per word, like SmolVLM's own tokenizer."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(corpus, trainer=trainer)
-    backend.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>",
-                                   chat_template=SMOLVLM_CHAT_TEMPLATE)
 
 
-def smolvlm_256m_shaped(corpus: Sequence[str]) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
-    """Random-weight Idefics3 with SmolVLM-256M-Instruct's sizes, and a processor giving 64 image tokens per 512-px tile."""
-    torch.manual_seed(0)
-    tokenizer = prompt_tokenizer(corpus)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 512}, max_image_size={"longest_edge": 512},
-                                                do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                           num_attention_heads=12, image_size=512, patch_size=16),
-        text_config=LlamaConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                                max_position_embeddings=8192, tie_word_embeddings=False,
-                                pad_token_id=tokenizer.pad_token_id),
-        scale_factor=4,
-        image_token_id=processor.image_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return Idefics3ForConditionalGeneration(config).eval(), processor
 
 
 class PeakMemory:
@@ -199,7 +157,7 @@ def main() -> None:
     n_states = max(args.rollout_states, args.update_states)
     texts, images, action_names, corpus = fetch_observations(n_states, args.image_size)
     corpus += [LISTING_STATE_TEMPLATE, ACTION_TEMPLATE, *action_names]
-    model, processor = smolvlm_256m_shaped(corpus)
+    model, processor = build_smolvlm_256m_shaped(corpus)
     model = add_lora(model, 64, 16, LANGUAGE_MODEL_QKV).eval()
     n_params = sum(p.numel() for p in model.parameters())
     prompts = [format_state_prompt(processor, LISTING_STATE_TEMPLATE, t, action_names, True) for t in texts]
