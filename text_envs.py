@@ -165,6 +165,7 @@ class FrozenLakeText(gym.Wrapper):
         self.mission = "reach the goal without falling into a hole"
         self.grid = self.env.unwrapped.desc.astype(str)  # fixed for the env's lifetime
         self.rows, self.cols = self.grid.shape
+        self.goal = tuple(int(v) for v in np.argwhere(self.grid == "G")[0])
         self.tile = max(4, image_size // max(self.rows, self.cols))
         self.observation_space = obs_space(
             (self.rows * self.tile, self.cols * self.tile, 3) if with_image else None,
@@ -219,7 +220,7 @@ class FrozenLakeText(gym.Wrapper):
         text += " There is a hole to the " + " and to the ".join(holes) + "." if holes else " There is no hole next to you."
         if edges:
             text += " The edge of the lake is to the " + " and to the ".join(edges) + "."
-        gr, gc = map(int, np.argwhere(grid == "G")[0])
+        gr, gc = self.goal
         if (gr, gc) != (r, c):
             parts = [_steps(abs(gr - r), "south" if gr > r else "north")] if gr != r else []
             parts += [_steps(abs(gc - c), "east" if gc > c else "west")] if gc != c else []
