@@ -26,7 +26,7 @@ import minigrid  # noqa: F401  (registers the MiniGrid and BabyAI ids)
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 from gymnasium.vector.utils import create_shared_memory
-from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.core.constants import COLOR_TO_IDX, IDX_TO_COLOR, IDX_TO_OBJECT, OBJECT_TO_IDX
 from minigrid.core.grid import Grid
 from minigrid.core.world_object import Door, Goal, Key, WorldObj
 from minigrid.envs import FetchEnv, GoToDoorEnv, GoToObjectEnv, UnlockEnv, UnlockPickupEnv
@@ -333,8 +333,21 @@ def describe_view(view: np.ndarray, direction: int, mission: str) -> str:
     return " ".join(sentences)
 
 
+def mission_target(mission: str) -> tuple[int, int]:
+    """The first object word and colour word of a mission as (OBJECT_TO_IDX, COLOR_TO_IDX + 1); 0 = none named."""
+    words = mission.replace(",", " ").split()
+    obj = next((OBJECT_TO_IDX[w] for w in words if w in OBJECT_TO_IDX and w not in ("empty", "unseen", "agent")), 0)
+    color = next((COLOR_TO_IDX[w] + 1 for w in words if w in COLOR_TO_IDX), 0)
+    return obj, color
+
+
 class MiniGridText(gym.Wrapper):
-    """MiniGrid / BabyAI with a full-grid render, the description of the agent's view, and that view as state."""
+    """MiniGrid / BabyAI with a full-grid render, the description of the agent's view, and that view as state.
+
+    The state is MiniGrid's 7x7x3 view encoding plus two constant planes naming the mission's target
+    (object and colour, `mission_target`), so that a state-only student can tell "go to the red door"
+    from "go to the blue door" (7x7x5).
+    """
 
     render_mode = "rgb_array"
 
@@ -347,7 +360,7 @@ class MiniGridText(gym.Wrapper):
         self.tile = max(4, image_size // max(u.width, u.height))
         self.observation_space = obs_space(
             (u.height * self.tile, u.width * self.tile, 3) if with_image else None,
-            self.env.observation_space["image"],
+            gym.spaces.Box(0, 255, (*self.env.observation_space["image"].shape[:2], 5), np.uint8),
         )
         self._image: np.ndarray | None = None
 
@@ -367,8 +380,9 @@ class MiniGridText(gym.Wrapper):
         out: dict[str, Any] = {
             "text": describe_view(obs["image"], u.agent_dir, u.mission),
             "mission": u.mission,
-            "state": obs["image"],
+            "state": np.concatenate([obs["image"], np.empty((*obs["image"].shape[:2], 2), np.uint8)], axis=2),
         }
+        out["state"][..., 3:] = mission_target(u.mission)
         if self.with_image:
             self._image = out["image"] = self._render()
         return out

@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.envs.toy_text.frozen_lake import MAPS
-from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.core.constants import COLOR_TO_IDX, IDX_TO_COLOR, IDX_TO_OBJECT, OBJECT_TO_IDX
 from minigrid.core.grid import Grid
 
 import text_envs
@@ -333,3 +333,24 @@ def test_tiles_are_reused():
     for _ in range(20):
         env.step(env.action_space.sample())
     assert len(Grid.tile_cache) - before < 10  # a handful of new agent directions / objects, not a tile per frame
+
+
+@pytest.mark.parametrize("env_id", ["GoToDoor", "Fetch", "GoToRedBallGrey", "UnlockPickup"])
+def test_minigrid_state_names_the_mission_target(env_id):
+    # planes 3 and 4 hold the mission's object and colour (MiniGrid indices, colour + 1), constant over the view
+    env = make_env(env_id, seed=0, with_image=False)
+    seen = set()
+    for episode in range(20):
+        obs, _ = env.reset(seed=episode)
+        words = obs["mission"].split()
+        kind = next(w for w in words if w in OBJECT_TO_IDX)
+        color = next(w for w in words if w in COLOR_TO_IDX)
+        assert obs["state"].shape == (7, 7, 5) and env.observation_space["state"].contains(obs["state"])
+        assert (obs["state"][..., 3] == OBJECT_TO_IDX[kind]).all()
+        assert (obs["state"][..., 4] == COLOR_TO_IDX[color] + 1).all()
+        obs, *_ = env.step(0)
+        assert (obs["state"][..., 3:] == [OBJECT_TO_IDX[kind], COLOR_TO_IDX[color] + 1]).all()
+        seen.add(obs["mission"])
+    assert len(seen) > 1 or env_id == "GoToRedBallGrey"
+    assert text_envs.mission_target("go to the grey door") == (OBJECT_TO_IDX["door"], COLOR_TO_IDX["grey"] + 1)
+    assert text_envs.mission_target("get to the goal") == (OBJECT_TO_IDX["goal"], 0)
