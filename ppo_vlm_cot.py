@@ -375,19 +375,22 @@ class Output(NamedTuple):
 
 
 def generate(model: nn.Module, processor: object, prompts: Sequence[str], images: np.ndarray, temperature: float,
-             max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one output per prompt, the whole batch at once with the KV cache: [B, max_new_tokens] ids and their mask."""
+             max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one output per prompt, the whole batch at once with the KV cache: [B, max_new_tokens] ids and their mask,
+    the raw next-token logits of each sampled position [B, T, V], and the last layer's state at the last prompt token."""
     tokenizer = processor.tokenizer
     ends = model.generation_config.eos_token_id  # the model's end tokens (SmolVLM: <end_of_utterance>) and the tokenizer's
     ends = sorted(set([ends] if isinstance(ends, int) else ends or []) | {tokenizer.eos_token_id} - {None})
     enc = encode_prompts(processor, prompts, images, model.device)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
-                              suppress_tokens=unscorable_token_ids(model) or None)
-    out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
-    ids = torch.full((len(prompts), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=out.device)
-    ids[:, :out.shape[1]] = out
-    return ids, output_mask(ids, ends)
+                              suppress_tokens=unscorable_token_ids(model) or None, return_dict_in_generate=True,
+                              output_logits=True, output_hidden_states=True)
+    out = model.generate(**enc, generation_config=config)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    ids = torch.full((len(prompts), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=new.device)
+    ids[:, :new.shape[1]] = new
+    return ids, output_mask(ids, ends), torch.stack(out.logits, dim=1), out.hidden_states[0][-1][:, -1]
 
 
 def output_mask(ids: torch.Tensor, end_ids: Sequence[int]) -> torch.Tensor:
@@ -408,14 +411,23 @@ def cot_log_prob(model: nn.Module, processor: object, prompts: Sequence[str], im
                  thought_coef: float, temperature: float) -> CoTLogProb:
     """Log-probs of sampled outputs given prompt and image at the sampling temperature, split into thought and action."""
     n_out = max(int(output.mask.sum(-1).max()), 1)  # the columns that are padding in every row carry nothing
-    ids, mask = output.ids[:, :n_out], output.mask[:, :n_out]
     enc = encode_prompts(processor, prompts, images, model.device)
     n_prompt = enc["input_ids"].shape[1]
     pixel_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    out = model(input_ids=torch.cat([enc["input_ids"], ids], dim=1), attention_mask=torch.cat([enc["attention_mask"], mask], dim=1),
+    out = model(input_ids=torch.cat([enc["input_ids"], output.ids[:, :n_out]], dim=1),
+                attention_mask=torch.cat([enc["attention_mask"], output.mask[:, :n_out]], dim=1),
                 output_hidden_states=True, logits_to_keep=n_out + 1, **pixel_inputs)
-    logits = out.logits[:, :-1].float() / temperature  # the distribution the tokens were sampled from
-    logits[..., unscorable_token_ids(model)] = -torch.inf
+    return split_log_prob(out.logits[:, :-1], out.hidden_states[-1][:, n_prompt - 1], output, thought_coef, temperature,
+                          unscorable_token_ids(model))
+
+
+def split_log_prob(logits: torch.Tensor, hidden: torch.Tensor, output: Output, thought_coef: float, temperature: float,
+                   unscorable: Sequence[int]) -> CoTLogProb:
+    """eq. 2 from the raw next-token logits [B, n, V] of the first n output positions, split into thought and action."""
+    n_out = logits.shape[1]
+    ids, mask = output.ids[:, :n_out], output.mask[:, :n_out]
+    logits = logits.float() / temperature  # the distribution the tokens were sampled from
+    logits[..., unscorable] = -torch.inf
     logprobs = logits.log_softmax(-1)
     token_logprob = logprobs.gather(-1, ids[..., None]).squeeze(-1)
     is_action = torch.arange(n_out, device=ids.device) >= output.action_start[:, None]
@@ -424,7 +436,7 @@ def cot_log_prob(model: nn.Module, processor: object, prompts: Sequence[str], im
     with torch.no_grad():  # logged only
         entropy = torch.where(mask, torch.special.entr(logprobs.exp()).sum(-1), 0.0).sum(-1) / mask.sum(-1)
     # eq. 2: log pi(a | o, v_in) = lambda * log p(thought) + log p(action)
-    return CoTLogProb(thought_coef * thought + action, thought, action, entropy, out.hidden_states[-1][:, n_prompt - 1])
+    return CoTLogProb(thought_coef * thought + action, thought, action, entropy, hidden)
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -452,14 +464,20 @@ class Agent(nn.Module):
         return self.value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
 
     def get_action_and_value(self, prompts: Sequence[str], images: np.ndarray, output: Output | None = None):
-        """Sample outputs when none are given, then score them: (output, their texts or None, CoTLogProb, value)."""
+        """Sample and score outputs, or score the given ones: (output, their texts or None, CoTLogProb, value). A
+        sample is scored from the logits and prompt state its own generation computed (no second forward pass);
+        given outputs are scored by cot_log_prob, with gradients."""
         texts = None
         if output is None:
             with torch.no_grad():
-                ids, mask = generate(self.model, self.processor, prompts, images, self.temperature, self.max_new_tokens)
+                ids, mask, logits, hidden = generate(self.model, self.processor, prompts, images, self.temperature,
+                                                     self.max_new_tokens)
             texts, starts = zip(*[split_output(self.tokenizer, row[m].tolist()) for row, m in zip(ids, mask)])
             output = Output(ids, mask, torch.tensor(starts, device=ids.device))
-        scored = cot_log_prob(self.model, self.processor, prompts, images, output, self.thought_coef, self.temperature)
+            scored = split_log_prob(logits, hidden, output, self.thought_coef, self.temperature,
+                                    unscorable_token_ids(self.model))
+        else:
+            scored = cot_log_prob(self.model, self.processor, prompts, images, output, self.thought_coef, self.temperature)
         return output, texts, scored, self.value_head(scored.hidden.float()).squeeze(-1)
 
 

@@ -10,14 +10,14 @@ layer of the language model) and the same model in both modes:
     vocabulary 49,280). Its vision tower is shrunk (2 layers at 64 px, 16 image tokens; --full-vision gives
     SmolVLM's SigLIP-B/16 at 512 px): on this CPU the real tower costs seconds per image in both modes. The
     tokenizer is a byte-level BPE trained on the env's prompts (about one token per word, like SmolVLM's).
-    On a CPU the prompt prefill and the scoring pass of this model are compute-bound, so batching cannot
-    speed them up: its ratio is the CPU's, a lower bound for a GPU.
+    On a CPU the prompt prefill of this model is compute-bound, so batching cannot
+    speed it up: its ratio is the CPU's, a lower bound for a GPU.
 Random weights end outputs at random, so the end-of-sequence token is held back until --max-new-tokens
 tokens: both modes generate the same number of tokens (a trained model's batch waits for its longest output).
 
 A rollout step is what ppo_vlm_cot.py does per env step: the NumberLine prompt and image of every env,
-sampling with the KV cache, the thought / action split, the no-grad scoring pass (old log-probs and values),
-parsing, and env.step. "batched" runs it once for all --num-envs envs (ppo_vlm_cot.py); "one at a time" runs
+sampling with the KV cache (which also yields the old log-probs and the value's prompt state), the thought /
+action split, parsing, and env.step. "batched" runs it once for all --num-envs envs (ppo_vlm_cot.py); "one at a time" runs
 it once per env, as the authors' code does with one env per GPU. The update step is one minibatch of
 --update-minibatch samples with their full outputs: log-probs and values with gradients, backward into LoRA
 and value head (the first one, so it includes allocating the gradients). Peak memory is the peak resident

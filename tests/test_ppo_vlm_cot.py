@@ -182,9 +182,9 @@ def test_scored_distribution_is_the_sampled_one(vlm, monkeypatch: pytest.MonkeyP
     generate = model.generate
 
     def generate_with_scores(**kwargs):
-        out = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        out = generate(**kwargs, output_scores=True)
         captured["scores"] = torch.stack(out.scores, dim=1)
-        return out.sequences
+        return out
 
     monkeypatch.setattr(model, "generate", generate_with_scores)
     torch.manual_seed(0)
@@ -198,6 +198,22 @@ def test_scored_distribution_is_the_sampled_one(vlm, monkeypatch: pytest.MonkeyP
     assert not output.mask[:, scores.shape[1]:].any() and value.shape == (3,) and len(texts) == 3
     image_ids = ppo.unscorable_token_ids(model)
     assert image_ids and not torch.isin(output.ids, torch.tensor(image_ids)).any()
+
+
+def test_rollout_scores_equal_the_update_recomputation(vlm) -> None:
+    """The rollout scores a sample from its generation's own logits and prompt state; the update recomputes them in
+    one forward pass over prompt and output: both give the same log-probs, split and value (so PPO's first ratio is 1)."""
+    model, processor = vlm
+    prompts, images = card_prompts(processor, 3)
+    agent = ppo.Agent(model, processor, TEMPERATURE, 12, 0.5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        output, _, rollout, rollout_value = agent.get_action_and_value(prompts, images)
+        _, _, update, update_value = agent.get_action_and_value(prompts, images, output)
+    assert output.mask.sum(-1).min() > 1
+    for field in ("log_prob", "thought", "action", "entropy", "hidden"):
+        torch.testing.assert_close(getattr(rollout, field), getattr(update, field), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rollout_value, update_value, atol=1e-4, rtol=1e-4)
 
 
 def test_output_mask_keeps_the_end_token_and_drops_padding() -> None:
