@@ -1,6 +1,6 @@
 """Rollout steps of ppo_vlm_cot.py: generation batched over the envs vs one env at a time, and an update step's memory.
 
-    python benchmarks/bench_cot_generation.py              # ~4 minutes on one shared CPU core
+    python benchmarks/bench_cot_generation.py              # ~10 minutes on one shared CPU core
 
 Two random-weight models, nothing downloaded, each with the paper's LoRA (r=128, alpha=256 on every linear
 layer of the language model) and the same model in both modes:
@@ -140,23 +140,24 @@ def measure_model(name: str, model: torch.nn.Module, processor: object, args: ar
     n_trainable = sum(p.numel() for p in agent.parameters() if p.requires_grad)
     print(f"{name}: {sum(p.numel() for p in agent.parameters()) / 1e6:.1f}M parameters, {n_trainable / 1e6:.1f}M trainable",
           flush=True)
-    envs = [text_envs.make_env("NumberLine", seed=i) for i in range(args.num_envs)]
-    action_names = list(envs[0].get_wrapper_attr("action_names"))
-    rows = []
+    envs = {batched: [text_envs.make_env("NumberLine", seed=i) for i in range(args.num_envs)] for batched in (True, False)}
+    action_names = list(envs[True][0].get_wrapper_attr("action_names"))
+    obs, seconds, tokens = {}, {True: 0.0, False: 0.0}, {True: 0, False: 0}
     for batched in (True, False):
         torch.manual_seed(0)
-        obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
+        obs[batched] = [env.reset(seed=i)[0] for i, env in enumerate(envs[batched])]
         agent.max_new_tokens = 2  # warm-up: a short step
-        rollout_step(agent, processor, envs, obs, action_names, batched)
-        agent.max_new_tokens = args.max_new_tokens
-        tokens, start = 0, time.perf_counter()
-        for _ in range(steps):
-            obs, n = rollout_step(agent, processor, envs, obs, action_names, batched)
-            tokens += n
-        seconds = time.perf_counter() - start
-        rows.append(("batched" if batched else "one at a time", steps * args.num_envs / seconds, tokens / seconds,
-                     tokens / (steps * args.num_envs)))
-    step = update_step(agent, processor, obs, action_names, args.update_minibatch)
+        rollout_step(agent, processor, envs[batched], obs[batched], action_names, batched)
+    agent.max_new_tokens = args.max_new_tokens
+    for _ in range(steps):  # the two modes alternate, so a change in the machine's load hits both alike
+        for batched in (True, False):
+            start = time.perf_counter()
+            obs[batched], n = rollout_step(agent, processor, envs[batched], obs[batched], action_names, batched)
+            seconds[batched] += time.perf_counter() - start
+            tokens[batched] += n
+    rows = [("batched" if batched else "one at a time", steps * args.num_envs / seconds[batched],
+             tokens[batched] / seconds[batched], tokens[batched] / (steps * args.num_envs)) for batched in (True, False)]
+    step = update_step(agent, processor, obs[True], action_names, args.update_minibatch)
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         step()
@@ -167,7 +168,7 @@ def measure_model(name: str, model: torch.nn.Module, processor: object, args: ar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-envs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1, help="timed rollout steps per mode for smolvlm-256m (tiny: 4x as many)")
+    parser.add_argument("--steps", type=int, default=2, help="timed rollout steps per mode for smolvlm-256m (tiny: 4x as many)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the paper caps outputs at 256 (twice the runtime)")
     parser.add_argument("--update-minibatch", type=int, default=1, help="samples in the update step (the paper: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (this machine's 2 cores are shared)")
