@@ -369,8 +369,8 @@ if __name__ == "__main__":
             monitor_gym=True,
             save_code=True,
         )
-    # purge_step: on resume, TensorBoard drops what the killed run logged after its checkpoint
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] if checkpoint else None)
+    # purge_step: on resume, TensorBoard drops what the killed run logged after its checkpoint (at later steps)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),

@@ -1,0 +1,1099 @@
+# LVLM2P (Lee et al. 2025, papers/lvlm2p_lee2025.txt): a small student trained with PPO or A2C plus
+# lambda * KL(p_teacher || pi_student), where the teacher is a vision-language model that looks at the rendered frame
+# (eq. 1, Algorithm 1). This is ppo_cnn_baseline.py with: the student on the "state" observation while the frame and
+# the mission go to the teacher; the teacher's distributions for a rollout's frames labelled in batches before the
+# update epochs, each distinct frame queried once (a cache across epochs and rollouts: the reference code queried
+# every sample of every minibatch in every epoch); the KL term in the loss; and --algo a2c. The teacher is a local
+# VLM (`hf:`), any OpenAI-compatible server (`openai:`), or the scripted expert of text_envs (`expert`), which is
+# for offline experiments and ablations: its results are a scripted teacher's, not a VLM's.
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import gymnasium as gym
+import huggingface_hub
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import tyro
+from huggingface_hub import try_to_load_from_cache
+from PIL import Image
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+import text_envs
+
+ALGORITHM = "ppo_lvlm2p_distill"
+# flags that fix the envs and the network: a checkpoint resumes only with the same values
+ENV_FLAGS = ("env_id", "teacher_image_size", "action_set", "num_envs")
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
+DEFAULT_TEACHER = f"hf:{DEFAULT_MODEL_ID}"
+FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+# Fig. 2's two stages: first the scene (agent position and orientation, the target), then one probability per action
+SCENE_PROMPT = ("This is a game seen from above. Your mission: {mission}. Describe the scene: the row and "
+                "column of the agent (counting from the top left), the direction it faces, and where the target of "
+                "the mission is.")
+ACTION_PROMPT = ("{examples}The possible actions, in this order, are: {actions}. Give the probability of each action "
+                 "being the best next action for the mission. On the last line, reply with a single list of "
+                 "{n} numbers that sum to 1, like {example}.")
+# --teacher-mode likelihood: the state prompt, then each action prompt scored by its mean token log-likelihood
+LIKELIHOOD_PROMPT = "This is a game seen from above. Your mission: {mission}. What is the best next action?"
+ACTION_TEMPLATE = " The best next action is to {action}."
+NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+LIST_OF_NUMBERS = re.compile(rf"\[\s*({NUMBER}(?:\s*,\s*{NUMBER})*)\s*,?\s*\]")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "vlm-rl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then evaluate the saved model"""
+    eval_episodes: int = 10
+    """the number of episodes of each evaluation of the saved model (greedy and sampled actions)"""
+    checkpoint_freq: int = 10
+    """save a checkpoint to `runs/{run_name}/checkpoint.pt` every this many iterations (0: never)"""
+    resume: str | None = None
+    """path of a checkpoint to continue from (the env flags must be the same as the checkpoint's)"""
+
+    # Teacher (the LVLM of eq. 1)
+    teacher: str = DEFAULT_TEACHER
+    """hf:<hub id or directory> (a local VLM), openai:<model> (a server, see --teacher-base-url) or expert (scripted)"""
+    teacher_mode: Literal["generate", "likelihood"] = "generate"
+    """generate: the paper's two-stage prompt, probabilities parsed from the reply; likelihood: softmax over the
+    action prompts' mean token log-likelihoods (hf: only)"""
+    teacher_fewshot: str | None = None
+    """a text file of few-shot examples put before the second stage's question (e.g. teacher_prompts/lavagap.txt)"""
+    teacher_image_size: int = 192
+    """pixels of the longer side of the frame the teacher sees (the reference code's 192)"""
+    teacher_max_new_tokens: int = 96
+    """the most tokens the teacher generates in each stage"""
+    teacher_batch_size: int = 8
+    """frames per teacher call (one forward or generate batch, or concurrent requests to a server)"""
+    teacher_base_url: str | None = None
+    """the OpenAI-compatible server of an openai: teacher, e.g. http://localhost:8000/v1"""
+    teacher_api_key_env: str = "OPENAI_API_KEY"
+    """the environment variable holding the server's API key (sent as a bearer token, never logged)"""
+    teacher_timeout: float = 60.0
+    """seconds to wait for one reply of an openai: teacher"""
+    teacher_retries: int = 3
+    """retries of a failed request before its frame trains on the RL loss alone"""
+    teacher_backoff: float = 1.0
+    """seconds before the first retry, doubled for each next one"""
+    teacher_temperature: float = 0.3
+    """expert teacher: its distribution is softmax(one_hot(expert action) / temperature)"""
+    teacher_noise: float = 0.0
+    """expert teacher: the probability that its action is replaced by a uniformly random one"""
+    teacher_query_mode: Literal["rollout", "minibatch"] = "rollout"
+    """rollout: each distinct frame queried once, before the update epochs; minibatch: every sample of every
+    minibatch in every epoch, without a cache (the reference code's way, for comparison)"""
+
+    # Algorithm specific arguments
+    algo: Literal["ppo", "a2c"] = "ppo"
+    """the RL algorithm of the student: PPO (clipped, several epochs) or A2C (one update per rollout)"""
+    distill_coef: float = 0.01
+    """lambda of eq. 1, the weight of KL(p_teacher || pi_student); 0 trains on the RL loss alone"""
+    anneal_distill_coef: bool = False
+    """decay lambda linearly to 0 over the run"""
+    hard_targets: bool = False
+    """distil the one-hot of the teacher's most likely action (cross-entropy) instead of its distribution"""
+    env_id: str = "LavaGap"
+    """the id of the environment: a text_envs short id or a full MiniGrid-*/BabyAI-* id"""
+    action_set: Literal["primitive", "macro"] = "primitive"
+    """MiniGrid / BabyAI actions: primitive, or the Idefics-Agent macro moves"""
+    total_timesteps: int = 100000
+    """total timesteps of the experiments"""
+    learning_rate: float = 1e-3
+    """the learning rate of the optimizer (rl-starter-files' and the reference code's 1e-3)"""
+    num_envs: int = 4
+    """the number of parallel game environments"""
+    num_steps: int | None = None
+    """the number of steps to run in each environment per policy rollout (default: 128 for ppo, 5 for a2c)"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 2
+    """the number of mini-batches (ppo)"""
+    update_epochs: int = 4
+    """the K epochs to update the policy (ppo)"""
+    norm_adv: bool = False
+    """Toggles advantages normalization (ppo; off as in rl-starter-files and the reference code: normalised
+    advantages are of order 1 even before any reward, which would drown a lambda of 0.01)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient (ppo)"""
+    clip_vloss: bool = True
+    """Toggles whether or not to use a clipped loss for the value function, as per the paper (ppo)"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """the target KL divergence threshold (ppo)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def make_env(env_id: str, seed: int, teacher_image_size: int, action_set: str) -> Callable[[], gym.Env]:
+    """A thunk building one text_envs env: obs["state"] for the student, obs["image"] and obs["mission"] for the teacher."""
+
+    def thunk() -> gym.Env:
+        env = text_envs.make_env(env_id, seed=seed, image_size=teacher_image_size, action_set=action_set)
+        return gym.wrappers.RecordEpisodeStatistics(env)
+
+    return thunk
+
+
+def make_envs(args: Args) -> gym.vector.SyncVectorEnv:
+    """The training vector env; SAME_STEP autoreset puts each episode's last observation in infos["final_obs"]."""
+    return gym.vector.SyncVectorEnv(
+        [
+            make_env(args.env_id, args.seed + i, args.teacher_image_size, args.action_set)
+            for i in range(args.num_envs)
+        ],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+
+
+def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
+    """Orthogonal weights and constant biases, as in CleanRL."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """The student: actor and critic heads (64 tanh units each) on an encoder of the symbolic state."""
+
+    def __init__(self, envs: gym.vector.VectorEnv):
+        super().__init__()
+        space = envs.single_observation_space["state"]
+        if len(space.shape) == 3:  # a symbolic grid (MiniGrid view, FrozenLake map): rl-starter-files' convs,
+            channels = space.shape[2]  # pooling with ceil_mode so that an 8x8 map keeps its last row and column
+            self.network = nn.Sequential(
+                layer_init(nn.Conv2d(channels, 16, 2)),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+                layer_init(nn.Conv2d(16, 32, 2)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(32, 64, 2)),
+                nn.ReLU(),
+                nn.Flatten(),
+            )
+            scale = np.ones(1)
+        else:  # a flat vector (card games): CleanRL's MLP, scaled to [0, 1] by the space's bounds
+            self.network = nn.Sequential(layer_init(nn.Linear(space.shape[0], 64)), nn.Tanh())
+            scale = np.where(np.isfinite(space.high) & (space.high > 0), space.high, 1.0)
+        self.register_buffer("obs_scale", torch.as_tensor(scale, dtype=torch.float32))
+        with torch.no_grad():
+            num_features = self.encode(torch.zeros(1, *space.shape)).shape[1]
+        num_actions = envs.single_action_space.n
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(num_features, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0)
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(num_features, 64)), nn.Tanh(), layer_init(nn.Linear(64, num_actions), std=0.01)
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled observations (channels first for grids) through the encoder."""
+        x = x / self.obs_scale
+        if x.dim() == 4:
+            x = x.permute(0, 3, 1, 2)
+        return self.network(x)
+
+    def get_value(self, x: torch.Tensor) -> torch.Tensor:
+        """V(x)."""
+        return self.critic(self.encode(x))
+
+    def get_action_and_value(
+        self, x: torch.Tensor, action: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sampled (or the given) action, its log-probability, the policy's entropy, V(x) and the policy's logits."""
+        hidden = self.encode(x)
+        logits = self.actor(hidden)
+        probs = Categorical(logits=logits)
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden), logits
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    final_values: torch.Tensor,
+    next_value: torch.Tensor,
+    next_done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns for (num_steps, num_envs) tensors.
+
+    `dones[t]` says that obs[t] starts a new episode (the step before ended one); `final_values[t]` is
+    V(final obs) where step t truncated an episode and 0 elsewhere, so a time limit is not mistaken for the
+    end of the task.
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        # after a truncation nextnonterminal is 0 and final_values[t] carries the bootstrap (CleanRL #198)
+        delta = rewards[t] + gamma * (nextvalues * nextnonterminal + final_values[t]) - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
+def distill_loss(
+    logits: torch.Tensor, teacher_probs: torch.Tensor, valid: torch.Tensor, hard_targets: bool = False
+) -> torch.Tensor:
+    """Mean KL(p_teacher || pi_student) over the samples that have a teacher distribution (eq. 1); 0 if none has.
+
+    sum_a p_T(a) (log p_T(a) - log pi_S(a)), with 0 log 0 = 0: actions the teacher rules out add nothing. With
+    `hard_targets` p_T is the one-hot of the teacher's most likely action, and the KL is the cross-entropy.
+    """
+    log_student = logits.log_softmax(-1)
+    if hard_targets:
+        teacher_probs = nn.functional.one_hot(teacher_probs.argmax(-1), logits.shape[-1]).to(log_student.dtype)
+    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
+    valid = valid.to(kl.dtype)
+    return (kl * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def parse_teacher_probs(text: str, n_actions: int) -> np.ndarray | None:
+    """The last list of exactly `n_actions` non-negative numbers in `text`, normalised to sum 1; None if there is none."""
+    for match in reversed(list(LIST_OF_NUMBERS.finditer(text))):
+        numbers = np.array([float(x) for x in match.group(1).split(",")])
+        if len(numbers) == n_actions and np.isfinite(numbers).all() and (numbers >= 0).all() and numbers.sum() > 0:
+            return numbers / numbers.sum()
+    return None
+
+
+class Frame(NamedTuple):
+    image: np.ndarray  # what a VLM teacher sees: the full, rendered grid
+    mission: str
+    expert_action: int  # text_envs.expert_action in this frame's state (the expert teacher's answer), else -1
+
+
+def frame_key(image: np.ndarray, mission: str) -> bytes:
+    """The teacher cache's key: a hash of the frame and the mission."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(image.shape).encode())
+    digest.update(image.tobytes())
+    digest.update(mission.encode())
+    return digest.digest()
+
+
+class TeacherUnavailable(Exception):
+    """The teacher could not answer (a server that errors or times out after every retry)."""
+
+
+class ExpertTeacher:
+    """The scripted teacher: text_envs.expert_action, replaced by a random action with probability `noise`, softened
+    by `temperature`. A scripted teacher, not a VLM: results with it say so."""
+
+    def __init__(self, n_actions: int, temperature: float, noise: float, seed: int):
+        self.n_actions, self.temperature, self.noise = n_actions, temperature, noise
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
+        """One distribution per frame."""
+        out = []
+        for frame in frames:
+            action = self.rng.integers(self.n_actions) if self.rng.random() < self.noise else frame.expert_action
+            logits = np.eye(self.n_actions)[action] / self.temperature
+            out.append(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
+        return out
+
+
+def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
+    """Ask the Hugging Face Hub about `model_id`; give up after `timeout` seconds, or at once with HF_HUB_OFFLINE."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "unreachable"
+    answer: list[str] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(f"{huggingface_hub.constants.ENDPOINT}/api/models/{model_id}", timeout=timeout)
+            answer.append("found")
+        except urllib.error.HTTPError as err:  # 401 / 403: gated or private, the download will ask for a token
+            answer.append({401: "found", 403: "found", 404: "missing"}.get(err.code, "unreachable"))
+        except (OSError, ValueError):
+            answer.append("unreachable")
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread, so a hanging DNS lookup cannot wait longer
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else "unreachable"
+
+
+def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, bool]:
+    """Where to load `model_id` from and whether to stay offline; the default model falls back to assets/."""
+    if os.path.isdir(model_id):
+        return model_id, True
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise SystemExit(f"teacher model directory {model_id} does not exist.")
+    try:
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:
+        raise SystemExit(f"{model_id!r} is neither a local directory nor a valid Hugging Face model id.") from None
+    if cached:
+        return model_id, True
+    status = hub_status(model_id, hub_timeout)
+    if status == "found":
+        return model_id, False
+    reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
+    if model_id == DEFAULT_MODEL_ID:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
+              f"its numbers say nothing about the paper.\n{bar}", file=sys.stderr)
+        return str(FALLBACK_MODEL_DIR), True
+    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+                     "check the id, download the model first, or pass a local directory.")
+
+
+def load_teacher_model(model_id: str, device: torch.device) -> tuple[nn.Module, object]:
+    """The frozen teacher VLM and its processor."""
+    # imported here: transformers takes seconds to import, and the expert and openai: teachers do not need it
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        GenerationConfig,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    source, offline = resolve_model_source(model_id)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"cannot load teacher model {model_id!r} ({reason}).") from None
+    if config.model_type == "idefics" or config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise SystemExit(f"teacher model {model_id!r} ({config.model_type}) is not a vision-language model with a chat "
+                         "template: use e.g. SmolVLM, Idefics3, LLaVA or Qwen2-VL.")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map={"": device},
+                                                        local_files_only=offline).eval()
+    processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(**ids)  # greedy, like the paper's temperature-0 Gemini
+    return model, processor
+
+
+def action_list_example(n_actions: int) -> str:
+    """A list of n probabilities summing to 1, shown to the teacher as the answer's format."""
+    return "[" + ", ".join(["0.7"] + ["0.3"] + ["0"] * (n_actions - 2)) + "]" if n_actions > 1 else "[1]"
+
+
+def stage_prompts(mission: str, action_names: Sequence[str], examples: str) -> tuple[str, str]:
+    """The texts of the two stages (Fig. 2): describe the scene, then give one probability per action."""
+    actions = ", ".join(f"'{name}'" for name in action_names)
+    return SCENE_PROMPT.format(mission=mission), ACTION_PROMPT.format(
+        examples=examples, actions=actions, n=len(action_names), example=action_list_example(len(action_names))
+    )
+
+
+class HFTeacher:
+    """A local VLM: the two-stage prompt and the parsed reply (generate), or the softmax over the action prompts'
+    mean token log-likelihoods (likelihood), one forward per frame."""
+
+    def __init__(self, model: nn.Module, processor: object, action_names: Sequence[str], mode: str, examples: str,
+                 max_new_tokens: int):
+        self.model, self.processor, self.mode = model, processor, mode
+        self.action_names, self.examples, self.max_new_tokens = list(action_names), examples, max_new_tokens
+
+    def chat(self, turns: Sequence[str]) -> str:
+        """The dialogue in the model's chat format: the image with the first user turn, turns alternating user/assistant."""
+        messages = [{"role": "user" if i % 2 == 0 else "assistant",
+                     "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": turn}]}
+                    for i, turn in enumerate(turns)]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], images: Sequence[np.ndarray]) -> list[str]:
+        """Greedy replies to a batch of chat prompts, each with its image."""
+        enc = self.processor(text=list(prompts), images=[[image] for image in images], padding=True,
+                             padding_side="left", return_tensors="pt").to(self.model.device)
+        out = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens)
+        return self.processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def action_log_likelihoods(self, mission: str, image: np.ndarray) -> torch.Tensor:
+        """[A] mean token log-likelihood of each action prompt after the state prompt and the image, in one forward."""
+        tokenizer = self.processor.tokenizer
+        enc = self.processor(text=[self.chat([LIKELIHOOD_PROMPT.format(mission=mission)])], images=[[image]],
+                             return_tensors="pt").to(self.model.device)
+        prompt_ids = enc["input_ids"][0].tolist()
+        action_ids = tokenizer([ACTION_TEMPLATE.format(action=a) for a in self.action_names],
+                               add_special_tokens=False)["input_ids"]
+        length = len(prompt_ids) + max(len(ids) for ids in action_ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([prompt_ids + ids + [pad] * (length - len(prompt_ids) - len(ids)) for ids in action_ids],
+                                 device=self.model.device)
+        mask = torch.tensor([[1] * (len(prompt_ids) + len(ids)) + [0] * (length - len(prompt_ids) - len(ids))
+                             for ids in action_ids], device=self.model.device)
+        pixels = {k: v.repeat(len(action_ids), *[1] * (v.dim() - 1)) for k, v in enc.items()
+                  if k not in ("input_ids", "attention_mask")}
+        logits = self.model(input_ids=input_ids, attention_mask=mask, **pixels).logits.float()
+        start = len(prompt_ids)
+        logprobs = logits[:, start - 1:-1].log_softmax(-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)
+        action_mask = mask[:, start:].float()
+        return (logprobs * action_mask).sum(-1) / action_mask.sum(-1)  # eq. 1 of Idefics-Agent: the mean
+
+    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
+        """One distribution per frame (None where a generated reply holds none)."""
+        if self.mode == "likelihood":
+            return [self.action_log_likelihoods(f.mission, f.image).softmax(-1).cpu().numpy() for f in frames]
+        images = [f.image for f in frames]
+        stages = [stage_prompts(f.mission, self.action_names, self.examples) for f in frames]
+        scenes = self.generate([self.chat([scene]) for scene, _ in stages], images)
+        replies = self.generate([self.chat([scene, described, question])
+                                 for (scene, question), described in zip(stages, scenes)], images)
+        return [parse_teacher_probs(reply, len(self.action_names)) for reply in replies]
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """The image as a base64 PNG data URL, the way OpenAI's chat API takes images."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class OpenAITeacher:
+    """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs): the two-stage
+    prompt as a two-turn chat with the frame as an image, each failed request retried with exponential backoff."""
+
+    def __init__(self, model: str, base_url: str, api_key: str | None, action_names: Sequence[str], examples: str,
+                 max_new_tokens: int, timeout: float, retries: int, backoff: float, concurrency: int):
+        self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
+        self.action_names, self.examples, self.max_new_tokens = list(action_names), examples, max_new_tokens
+        self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
+
+    def complete(self, messages: list[dict]) -> str:
+        """The assistant's reply to `messages`, retrying errors and timeouts; TeacherUnavailable after the last retry."""
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
+                           "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as error:  # HTTP, timeout, not the API's JSON
+                reason = f"{type(error).__name__}: {error}"
+                if attempt < self.retries:
+                    time.sleep(self.backoff * 2**attempt)
+        raise TeacherUnavailable(f"{self.url} failed {self.retries + 1} times, last with {reason}")
+
+    def query(self, frame: Frame) -> np.ndarray | None:
+        """One frame through the two stages."""
+        scene, question = stage_prompts(frame.mission, self.action_names, self.examples)
+        first = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(frame.image)}},
+                                             {"type": "text", "text": scene}]}
+        described = self.complete([first])
+        reply = self.complete([first, {"role": "assistant", "content": described},
+                               {"role": "user", "content": question}])
+        return parse_teacher_probs(reply, len(self.action_names))
+
+    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
+        """One distribution per frame, the frames' requests in flight together; TeacherUnavailable if any failed."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self.query, frames))
+
+
+class TeacherStats(NamedTuple):
+    queries: int  # frames sent to the teacher
+    cache_hits: int  # samples labelled from the cache
+    parse_failures: int  # queried frames whose reply held no valid distribution
+    server_failures: int  # queried frames whose request failed after every retry
+    seconds: float  # wall time spent in the teacher
+
+
+def label_frames(
+    teacher: Callable[[Sequence[Frame]], list[np.ndarray | None]],
+    frames: Sequence[Frame],
+    keys: Sequence[bytes] | None,
+    cache: dict[bytes, np.ndarray | None] | None,
+    n_actions: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, TeacherStats]:
+    """The teacher's distribution for every frame ([N, A], zeros where none) and which frames have one.
+
+    With a cache, each distinct frame (its key) reaches the teacher at most once; replies that do not parse are cached
+    too (the teacher is asked once per frame), server failures are not (the frame is asked again in a later rollout).
+    """
+    start = time.time()
+    probs, valid = torch.zeros(len(frames), n_actions), torch.zeros(len(frames), dtype=torch.bool)
+    if cache is None:
+        todo = list(range(len(frames)))  # every sample, repeats included
+    else:
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in cache:
+                first.setdefault(key, i)
+        todo = list(first.values())
+    queries = parse_failures = server_failures = 0
+    answers: dict[int, np.ndarray | None] = {}
+    for b in range(0, len(todo), batch_size):
+        batch = todo[b:b + batch_size]
+        queries += len(batch)
+        try:
+            replies = teacher([frames[i] for i in batch])
+        except TeacherUnavailable as error:
+            print(f"teacher unavailable, {len(batch)} frames train on the RL loss alone ({error})", flush=True)
+            server_failures += len(batch)
+            continue
+        for i, reply in zip(batch, replies):
+            parse_failures += reply is None
+            answers[i] = reply
+            if cache is not None:
+                cache[keys[i]] = reply
+    for i in range(len(frames)):
+        reply = answers.get(i) if cache is None else cache.get(keys[i])
+        if reply is not None:
+            probs[i], valid[i] = torch.as_tensor(reply, dtype=torch.float32), True
+    cache_hits = 0 if cache is None else len(frames) - len(todo)
+    return probs, valid, TeacherStats(queries, cache_hits, parse_failures, server_failures, time.time() - start)
+
+
+def teacher_kind(teacher: str) -> Literal["hf", "openai", "expert"] | None:
+    """Which backend a --teacher value names, or None."""
+    if teacher == "expert":
+        return "expert"
+    prefix, _, name = teacher.partition(":")
+    return prefix if prefix in ("hf", "openai") and name else None
+
+
+def read_examples(path: str | None) -> str:
+    """The few-shot examples for the second stage, ending in a blank line ("" without a file)."""
+    if path is None:
+        return ""
+    try:
+        return Path(path).read_text().strip() + "\n\n"
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file.")
+
+
+def build_teacher(args: Args, action_names: Sequence[str], device: torch.device) -> Callable:
+    """The teacher that --teacher names."""
+    kind, name = teacher_kind(args.teacher), args.teacher.partition(":")[2]
+    if kind == "expert":
+        return ExpertTeacher(len(action_names), args.teacher_temperature, args.teacher_noise, args.seed)
+    examples = read_examples(args.teacher_fewshot)
+    if kind == "openai":
+        return OpenAITeacher(name, args.teacher_base_url, os.environ.get(args.teacher_api_key_env), action_names,
+                             examples, args.teacher_max_new_tokens, args.teacher_timeout, args.teacher_retries,
+                             args.teacher_backoff, args.teacher_batch_size)
+    model, processor = load_teacher_model(name, device)
+    return HFTeacher(model, processor, action_names, args.teacher_mode, examples, args.teacher_max_new_tokens)
+
+
+def check_args(args: Args) -> list[str]:
+    """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the action words."""
+    kind = teacher_kind(args.teacher)
+    if kind is None:
+        raise SystemExit(f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> "
+                         "or expert.")
+    if kind == "openai" and not args.teacher_base_url:
+        raise SystemExit(f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
+                         "(e.g. http://localhost:8000/v1).")
+    if kind == "openai" and args.teacher_mode == "likelihood":
+        raise SystemExit("--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
+                         "return: use an hf: teacher, or --teacher-mode generate.")
+    if not 0.0 <= args.teacher_noise <= 1.0 or args.teacher_temperature <= 0:
+        raise SystemExit(f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
+                         "the noise is a probability (0 to 1) and the temperature must be positive.")
+    if args.distill_coef < 0:
+        raise SystemExit(f"--distill-coef {args.distill_coef} is negative: lambda weighs the KL term, use 0 (the RL "
+                         "loss alone) or more.")
+    if args.teacher_fewshot is not None:
+        read_examples(args.teacher_fewshot)
+    if args.batch_size % args.num_minibatches:
+        raise SystemExit(
+            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
+            f"cannot be split into --num-minibatches {args.num_minibatches}: make the product a multiple of it."
+        )
+    if args.num_iterations < 1:
+        raise SystemExit(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(--num-envs x --num-steps = {args.batch_size}): raise it."
+        )
+    try:
+        env = text_envs.make_env(args.env_id, image_size=args.teacher_image_size, action_set=args.action_set)
+    except ValueError as error:
+        if args.env_id in text_envs.SHORT_IDS or args.env_id in gym.registry:
+            raise SystemExit(str(error))  # a known id with a flag it does not take (e.g. macro actions)
+        raise SystemExit(
+            f"Unknown --env-id {args.env_id!r}: use one of {', '.join(text_envs.SHORT_IDS)}, "
+            "or a full MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-5x5-v0."
+        )
+    action_names = list(env.get_wrapper_attr("action_names"))
+    env.close()
+    return action_names
+
+
+def runtime_sizes(args: Args) -> None:
+    """Fill in the algorithm's rollout length and the batch sizes (A2C: one update on the whole rollout)."""
+    if args.num_steps is None:
+        args.num_steps = 128 if args.algo == "ppo" else 5  # rl-starter-files' (and the reference code's) defaults
+    if args.algo == "a2c":
+        args.num_minibatches, args.update_epochs = 1, 1
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // args.batch_size
+
+
+def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
+    """Write the checkpoint atomically, so that a run killed while saving keeps its previous checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, Any]:
+    """Read a checkpoint of this script and check that it was made for the same envs as `args`."""
+    try:
+        # weights_only=False: a checkpoint holds the pickled envs and RNG states; load only your own files
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # any reason the file cannot be unpickled: missing, truncated, not torch's
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+    algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
+    if algorithm != ALGORITHM:
+        raise SystemExit(
+            f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from {algorithm or 'something else'}): "
+            "resume it with the script that wrote it."
+        )
+    for flag in (*ENV_FLAGS, "algo"):
+        if checkpoint["args"][flag] != getattr(args, flag):
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(
+                f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not {getattr(args, flag)}: "
+                f"pass {name} {checkpoint['args'][flag]} to resume it."
+            )
+    return checkpoint
+
+
+def load_agent(model_path: str, device: torch.device) -> tuple[Agent, Args]:
+    """The agent saved by --save-model, and the args it was trained with."""
+    saved = torch.load(model_path, map_location=device, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("algorithm") != ALGORITHM:
+        raise SystemExit(f"{model_path} is not a model saved by {ALGORITHM} --save-model.")
+    saved_args = Args(**saved["args"])
+    envs = make_envs(saved_args)
+    agent = Agent(envs).to(device)
+    envs.close()
+    agent.load_state_dict(saved["model"])
+    return agent, saved_args
+
+
+def evaluate(
+    model_path: str, eval_episodes: int, greedy: bool, device: torch.device
+) -> tuple[list[float], list[bool]]:
+    """Episodic returns and successes of the saved student (no teacher), split evenly over its training envs.
+
+    FrozenLake keeps the training maps (they come from each env's seed); MiniGrid layouts are drawn from
+    reset seeds that the training run did not use.
+    """
+    agent, args = load_agent(model_path, device)
+    agent.eval()
+    envs = make_envs(args)
+    quota = [eval_episodes // args.num_envs + (i < eval_episodes % args.num_envs) for i in range(args.num_envs)]
+    returns: list[list[float]] = [[] for _ in range(args.num_envs)]
+    successes: list[list[bool]] = [[] for _ in range(args.num_envs)]
+    obs, _ = envs.reset(seed=args.seed + args.num_envs)
+    while any(len(r) < q for r, q in zip(returns, quota)):
+        with torch.no_grad():
+            logits = agent.actor(agent.encode(torch.as_tensor(obs["state"], dtype=torch.float32, device=device)))
+        action = logits.argmax(dim=1) if greedy else Categorical(logits=logits).sample()
+        obs, _, _, _, infos = envs.step(action.cpu().numpy())
+        for i in np.flatnonzero(infos.get("_final_info", [])):
+            if len(returns[i]) < quota[i]:
+                returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
+                successes[i].append(bool(infos["final_info"]["success"][i]))
+    envs.close()
+    all_returns = [r for env_returns in returns for r in env_returns]
+    return all_returns, [s for env_successes in successes for s in env_successes]
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    runtime_sizes(args)
+    action_names = check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
+    # built before runs/ exists: a model that cannot load is bad input; lambda = 0 (RL alone) needs no teacher
+    teacher = build_teacher(args, action_names, device) if args.distill_coef > 0 else None
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+        )
+    # purge_step: on resume, TensorBoard drops what the killed run logged after its checkpoint (at later steps)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    if teacher_kind(args.teacher) == "expert":
+        writer.add_text("teacher", "scripted teacher (text_envs.expert_action), not a VLM")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    # the networks are tiny: on a CPU, more threads only wait for each other (and spin on a shared machine)
+    torch.set_num_threads(1)
+    torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than a forward pass
+
+    # env setup: a resumed run continues the checkpoint's envs mid-episode, RNGs included
+    if checkpoint:
+        envs = gym.vector.SyncVectorEnv(
+            [lambda env=env: env for env in checkpoint["envs"]], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
+    else:
+        envs = make_envs(args)
+    assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
+    n_actions = envs.single_action_space.n
+    use_expert = teacher_kind(args.teacher) == "expert" and args.distill_coef > 0  # without lambda, no expert calls
+    cache: dict[bytes, np.ndarray | None] = {}  # the teacher's answer for each distinct frame, across rollouts
+
+    agent = Agent(envs).to(device)
+    if args.algo == "ppo":
+        optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    else:  # rl-starter-files' A2C optimizer, as in the reference code
+        optimizer = optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=0.99, eps=1e-8)
+
+    # ALGO Logic: Storage setup
+    state_shape = envs.single_observation_space["state"].shape
+    obs = torch.zeros((args.num_steps, args.num_envs) + state_shape).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    final_values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    frames: list[list[Frame]] = [[] for _ in range(args.num_steps)]  # what the teacher sees of obs[step]
+    frame_keys: list[list[bytes]] = [[] for _ in range(args.num_steps)]
+    total_queries = 0
+
+    def teacher_frames(observation: dict) -> tuple[list[Frame], list[bytes]]:
+        """The frames of the envs' current observations, with the expert's action where the expert will be asked
+        (it reads the env's current state, so it is asked now, and only for frames it has not answered yet)."""
+        images, missions = observation["image"], observation["mission"]
+        keys = [frame_key(images[i], missions[i]) for i in range(args.num_envs)]
+        ask = [use_expert and (key not in cache or args.teacher_query_mode == "minibatch") for key in keys]
+        return ([Frame(images[i], missions[i], text_envs.expert_action(envs.envs[i]) if ask[i] else -1)
+                 for i in range(args.num_envs)], keys)
+
+    # TRY NOT TO MODIFY: start the game
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        next_obs, next_done = checkpoint["next_obs"].to(device), checkpoint["next_done"].to(device)
+        next_frames, next_keys = [Frame(*frame) for frame in checkpoint["next_frames"]], checkpoint["next_keys"]
+        cache, total_queries = checkpoint["teacher_cache"], checkpoint["teacher_queries"]
+        if use_expert:
+            teacher.rng.bit_generator.state = checkpoint["rng"]["teacher"]
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step={global_step}", flush=True)
+    else:
+        global_step, start_iteration = 0, 1
+        next_obs_dict, _ = envs.reset(seed=args.seed)
+        next_frames, next_keys = teacher_frames(next_obs_dict)
+        next_obs = torch.as_tensor(next_obs_dict["state"], dtype=torch.float32, device=device)
+        next_done = torch.zeros(args.num_envs).to(device)
+    start_time, start_step = time.time(), global_step
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        # Annealing the rate if instructed to do so.
+        frac = 1.0 - (iteration - 1.0) / args.num_iterations
+        if args.anneal_lr:
+            lrnow = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = lrnow
+        distill_coef = frac * args.distill_coef if args.anneal_distill_coef else args.distill_coef
+
+        episode_returns, episode_successes = [], []
+        for step in range(0, args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            dones[step] = next_done
+            frames[step], frame_keys[step] = next_frames, next_keys
+
+            # ALGO LOGIC: action logic
+            with torch.no_grad():
+                action, logprob, _, value, _ = agent.get_action_and_value(next_obs)
+                values[step] = value.flatten()
+            actions[step] = action
+            logprobs[step] = logprob
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs_dict, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_frames, next_keys = teacher_frames(next_obs_dict)
+            next_done = np.logical_or(terminations, truncations)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs_dict["state"], dtype=torch.float32, device=device)
+            next_done = torch.as_tensor(next_done, dtype=torch.float32, device=device)
+
+            final_values[step] = 0.0
+            truncated = truncations & ~terminations  # out of time, not done: the episode's value goes on
+            if truncated.any():
+                final_obs = np.stack([o["state"] for o in infos["final_obs"][truncated]])
+                with torch.no_grad():
+                    final_values[step, truncated] = agent.get_value(
+                        torch.as_tensor(final_obs, dtype=torch.float32, device=device)
+                    ).flatten()
+            for i in np.flatnonzero(infos.get("_final_info", [])):
+                episode = infos["final_info"]["episode"]
+                episode_returns.append(float(episode["r"][i]))
+                episode_successes.append(bool(infos["final_info"]["success"][i]))
+                writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(next_obs).reshape(1, -1)
+            advantages, returns = compute_gae(
+                rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
+            )
+
+        # flatten the batch
+        b_obs = obs.reshape((-1,) + state_shape)
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+        b_frames = [frame for step_frames in frames for frame in step_frames]
+        b_keys = [key for step_keys in frame_keys for key in step_keys]
+
+        # Label the rollout's frames with the teacher (Algorithm 1, line 13), each distinct frame once
+        stats = []
+        if distill_coef > 0 and args.teacher_query_mode == "rollout":
+            b_teacher, b_valid, rollout_stats = label_frames(
+                teacher, b_frames, b_keys, cache, n_actions, args.teacher_batch_size
+            )
+            stats.append(rollout_stats)
+
+        # Optimizing the policy and value network
+        b_inds = np.arange(args.batch_size)
+        clipfracs, distill_losses = [], []
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
+                mb_inds = b_inds[start:end]
+
+                _, newlogprob, entropy, newvalue, logits = agent.get_action_and_value(
+                    b_obs[mb_inds], b_actions.long()[mb_inds]
+                )
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv and args.algo == "ppo":
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                if args.algo == "ppo":
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                else:  # A2C: the rollout's one update, so the ratio is 1 and its gradient is that of the log-prob
+                    pg_loss = -(mb_advantages * newlogprob).mean()
+
+                # Value loss
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss and args.algo == "ppo":
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds],
+                        -args.clip_coef,
+                        args.clip_coef,
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+                    v_loss = 0.5 * v_loss_max.mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                # eq. 1: L_RL + lambda * KL(pi_T(.|o) || pi_theta(.|s)), on the samples the teacher labelled
+                if distill_coef > 0:
+                    if args.teacher_query_mode == "minibatch":  # the reference code's way: no cache, every epoch
+                        mb_teacher, mb_valid, minibatch_stats = label_frames(
+                            teacher, [b_frames[i] for i in mb_inds], None, None, n_actions, args.teacher_batch_size
+                        )
+                        stats.append(minibatch_stats)
+                    else:
+                        mb_teacher, mb_valid = b_teacher[mb_inds], b_valid[mb_inds]
+                    kl_loss = distill_loss(logits, mb_teacher.to(device), mb_valid.to(device), args.hard_targets)
+                    loss = loss + distill_coef * kl_loss
+                    distill_losses.append(kl_loss.item())
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("teacher/distill_coef", distill_coef, global_step)
+        teacher_report = ""
+        if stats:
+            queries = sum(s.queries for s in stats)
+            total_queries += queries
+            labelled = args.batch_size * (1 if args.teacher_query_mode == "rollout" else args.update_epochs)
+            writer.add_scalar("teacher/kl", np.mean(distill_losses), global_step)
+            writer.add_scalar("teacher/queries", total_queries, global_step)
+            writer.add_scalar("teacher/queries_per_step", total_queries / global_step, global_step)
+            writer.add_scalar("teacher/cache_hit_rate", sum(s.cache_hits for s in stats) / labelled, global_step)
+            writer.add_scalar("teacher/parse_failures", sum(s.parse_failures for s in stats), global_step)
+            writer.add_scalar("teacher/server_failures", sum(s.server_failures for s in stats), global_step)
+            writer.add_scalar("teacher/seconds", sum(s.seconds for s in stats), global_step)
+            teacher_report = f" teacher_queries={total_queries}"
+        if episode_returns:
+            success_rate = float(np.mean(episode_successes))
+            writer.add_scalar("charts/success_rate", success_rate, global_step)
+            report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
+        else:
+            report = "no episode ended"
+        print(
+            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}{teacher_report}",
+            flush=True,
+        )
+
+        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+            save_checkpoint(
+                f"runs/{run_name}/checkpoint.pt",
+                {
+                    "algorithm": ALGORITHM,
+                    "args": asdict(args),
+                    "run_name": run_name,
+                    "iteration": iteration,
+                    "global_step": global_step,
+                    "agent": agent.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "envs": envs.envs,
+                    "next_obs": next_obs,
+                    "next_done": next_done,
+                    "next_frames": [tuple(frame) for frame in next_frames],  # plain data, loadable anywhere
+                    "next_keys": next_keys,
+                    "teacher_cache": cache,
+                    "teacher_queries": total_queries,
+                    "rng": {
+                        "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                        "teacher": teacher.rng.bit_generator.state if use_expert else None,
+                    },
+                },
+            )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"algorithm": ALGORITHM, "args": asdict(args), "model": agent.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+        if args.eval_episodes > 0:
+            for mode in ("greedy", "sampled"):
+                episodic_returns, successes = evaluate(model_path, args.eval_episodes, mode == "greedy", device)
+                writer.add_scalar(f"eval/{mode}_episodic_return", np.mean(episodic_returns), global_step)
+                writer.add_scalar(f"eval/{mode}_success_rate", np.mean(successes), global_step)
+                print(
+                    f"eval {mode}: episodic_return={np.mean(episodic_returns):.3f} "
+                    f"success_rate={np.mean(successes):.2f} over {len(successes)} episodes"
+                )
+
+    envs.close()
+    writer.close()
