@@ -1,0 +1,359 @@
+"""vlm_car_reward: hostile programs, verification, extract_code, runs with --reward-programs, the coder paths."""
+
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from openai_server import OpenAIServer
+from script_helpers import exit_message, run_as_main, scalar_tags
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import text_envs
+import vlm_car_reward as car
+
+SCRIPT = str(Path(car.__file__).resolve())
+REFERENCE = Path(car.__file__).resolve().parent / "reference_programs"
+DOORKEY8 = "MiniGrid-DoorKey-8x8-v0"
+TINY = ["--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2"]
+KEY_PROGRAM = (REFERENCE / "DoorKey-8x8" / "subtask_1.py").read_text()
+
+# Refused when loaded: each line of the issue's list, and the ways around the obvious checks.
+REFUSED_AT_LOAD = {
+    "import os": "import os\ndef check(frame):\n    return os.system('touch pwned') == 0",
+    "from import": "from subprocess import run\ndef check(frame):\n    return True",
+    "import inside": "def check(frame):\n    import socket\n    return True",
+    "__import__": "def check(frame):\n    return __import__('os').getcwd() == ''",
+    "dunder walk": "def check(frame):\n    return len(().__class__.__mro__[1].__subclasses__()) > 0",
+    "frame dunder": "def check(frame):\n    return frame.__array_interface__ is None",
+    "open / write": "def check(frame):\n    open('pwned', 'w').write('x')\n    return True",
+    "socket": "def check(frame):\n    return socket.create_connection(('example.com', 80)) is None",
+    "subprocess": "def check(frame):\n    return subprocess.call(['touch', 'pwned']) == 0",
+    "eval": "def check(frame):\n    return eval('1') == 1",
+    "exec": "def check(frame):\n    exec('x = 1')\n    return True",
+    "compile": "def check(frame):\n    return compile('1', 'f', 'eval') is None",
+    "getattr": "def check(frame):\n    return getattr(frame, '__class__') is None",
+    "vars / globals": "def check(frame):\n    return 'np' in globals() or vars() is None",
+    "type / object": "def check(frame):\n    return type(frame).mro() is None",
+    "format string": "def check(frame):\n    return '{0.mro}'.format(frame) == ''",
+    "dunder in a string": "def check(frame):\n    return frame.dtype.name == '__class__'",
+    "generator frames": "def check(frame):\n    return (x for x in [1]).gi_frame.f_back is None",
+    "np.save": "def check(frame):\n    np.save('pwned.npy', frame)\n    return True",
+    "tofile": "def check(frame):\n    frame.tofile('pwned')\n    return True",
+    "np.load / memmap": "def check(frame):\n    return np.memmap('pwned', mode='w+', shape=(1,)) is None",
+    "np.lib": "def check(frame):\n    return np.lib.stride_tricks.as_strided(frame, (10**9,), (1,)).sum() > 0",
+    "ctypes": "def check(frame):\n    return frame.ctypes.data > 0",
+    "writable again": "def check(frame):\n    frame.setflags(write=True)\n    frame[:] = 0\n    return True",
+    "fork bomb": "import os\ndef check(frame):\n    while True:\n        os.fork()",
+    "signal tampering": "import signal\ndef check(frame):\n    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n    return True",
+    "bare except": "def check(frame):\n    try:\n        while True:\n            pass\n    except:\n        return True",
+    "global": "def check(frame):\n    global np\n    np = None\n    return True",
+    "class": "class A:\n    pass\ndef check(frame):\n    return True",
+    "top-level code": "while True:\n    pass\ndef check(frame):\n    return True",
+    "default argument": "def check(frame, big=[0] * 10**10):\n    return True",
+    "decorator": "@np.vectorize\ndef check(frame):\n    return True",
+    "no check": "def verify(frame):\n    return True",
+    "two arguments": "def check(frame, other):\n    return True",
+    "breakpoint / input": "def check(frame):\n    breakpoint()\n    return input() == ''",
+    "does not parse": "def check(frame):\n    return (",
+}
+
+# Loaded, then misbehave when run: each counts as "not done".
+FAIL_AT_RUN = {
+    "infinite loop": "def check(frame):\n    while True:\n        pass",
+    "catches the timer": "def check(frame):\n    try:\n        while True:\n            pass\n    finally:\n        while True:\n            pass",
+    "deep recursion": "def check(frame):\n    return check(frame)",
+    "huge allocation": "def check(frame):\n    return np.ones(300_000_000).sum() > 0",
+    "memory grows": "def check(frame):\n    x = [frame.tolist()]\n    while True:\n        x = x + x",
+    "long C call": "def check(frame):\n    return 10 ** 10 ** 8 > 0",
+    "writes into the frame": "def check(frame):\n    frame[:] = 0\n    return True",
+    "not a bool": "def check(frame):\n    return frame",
+    "unknown name": "def check(frame):\n    return len(frames_before) > 0",
+    "raises": "def check(frame):\n    return 1 / 0 > 0",
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_AT_LOAD))
+def test_forbidden_code_is_refused_at_load(name):
+    with pytest.raises(car.UnsafeCodeError):
+        car.load_checker(REFUSED_AT_LOAD[name])
+
+
+def test_allowed_code_loads_without_its_imports():
+    source = car.load_checker(KEY_PROGRAM)
+    assert "import" not in source and "def check(frame)" in source
+    assert car.load_checker("import math\nLIMIT = (1, 2)\ndef helper(x, y=2):\n    return math.sqrt(x) > y\n"
+                            "def check(frame):\n    return helper(float(frame.mean()))")
+
+
+def frames(n: int = 2) -> np.ndarray:
+    """Real DoorKey-8x8 frames: the reset frame, then n - 1 after random steps."""
+    env = text_envs.make_env(DOORKEY8, seed=0, image_size=64)
+    obs, _ = env.reset(seed=0)
+    out = [obs["image"]]
+    for action in [0, 1, 2, 0][: n - 1]:
+        out.append(env.step(action)[0]["image"])
+    return np.stack(out)
+
+
+def test_hostile_programs_at_run_are_not_done_and_the_trainer_is_unharmed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM)}
+    programs = [car.load_checker(code) for code in FAIL_AT_RUN.values()]
+    seen = frames(2)
+    before = seen.copy()
+    with car.Sandbox(programs, time_limit=0.2, memory_mb=512) as sandbox:
+        assert sandbox.load_errors == [None] * len(programs)
+        for k in range(len(programs)):  # each program first in line, on both frames: never done
+            assert sandbox.advance([k], [seen]) == [[]], list(FAIL_AT_RUN)[k]
+        assert sandbox.errors >= len(programs)
+        assert sandbox.restarts >= 1  # the loop in `finally` outlives the time limit: the worker is replaced
+        # training goes on: a good program after all of them still answers, in the same sandbox
+    with car.Sandbox([car.load_checker("def check(frame):\n    return bool(frame.max() == 255)")]) as sandbox:
+        assert sandbox.advance([0, 0], [seen[:1], seen]) == [[0], [0]]
+    np.testing.assert_array_equal(seen, before)  # the trainer's frames did not change
+    assert list(tmp_path.iterdir()) == []  # no file appeared
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_defence_in_depth_without_the_load_check(tmp_path):
+    """Code that skips load_checker (a dunder walk to the real builtins and os) still cannot write a file or start a
+    process: the worker may open no new file descriptor and start no process."""
+    target = tmp_path / "pwned"
+    escape = ("def check(frame):\n"
+              "    for cls in ().__class__.__base__.__subclasses__():\n"
+              "        if cls.__name__ == '_wrap_close':\n"
+              "            g = cls.__init__.__globals__\n"
+              "            {action}\n"
+              "    return True\n")
+    programs = [escape.format(action=f"g['__builtins__']['open']({str(target)!r}, 'w').write('x')"),
+                escape.format(action=f"g['system']('touch {target}')")]
+    with car.Sandbox(programs, time_limit=2.0) as sandbox:
+        assert sandbox.advance([0], [frames(1)]) == [[]]  # open() raised: no file descriptor left
+        sandbox.advance([1], [frames(1)])  # os.system() cannot fork
+    assert not target.exists()
+
+
+def reference_trajectories(env_id: str, tile: int, num_expert: int, num_random: int):
+    width, height = car.grid_size(env_id)
+    env = text_envs.make_env(env_id, image_size=tile * max(width, height))
+    expert = [car.collect_trajectory(env, car.VERIFY_SEED + i, True, "image") for i in range(num_expert)]
+    length = car.RANDOM_LENGTH * max(len(t.frames) - 1 for t in expert)
+    random_play = [car.collect_trajectory(env, car.VERIFY_SEED + 100 + i, False, "image", length)
+                   for i in range(num_random)]
+    return expert, random_play
+
+
+@pytest.fixture(scope="module")
+def doorkey8_trajectories():
+    return reference_trajectories(DOORKEY8, 8, 4, 20)
+
+
+def verify(programs: list[str], trajectories) -> car.Verification:
+    with car.Sandbox([car.load_checker(p) for p in programs]) as sandbox:
+        return car.verify(sandbox, ["a", "b", "c"][: len(programs)], *trajectories, sandbox.load_errors)
+
+
+def test_verification_accepts_the_reference_programs(doorkey8_trajectories):
+    subtasks, programs = car.load_programs(str(REFERENCE / "DoorKey-8x8"), DOORKEY8, car.Args())
+    assert subtasks == ["pick up the key", "open the door", "reach the goal"]
+    result = verify(programs, doorkey8_trajectories)
+    assert result.accepted, result.failing
+    assert result.expert_completed == [4, 4, 4]
+    assert result.random_two_or_more <= 2 and result.random_completed[0] > 0  # random play picks the key up
+
+
+def test_verification_accepts_the_unlockpickup_reference_programs():
+    env_id = "MiniGrid-UnlockPickup-v0"
+    _, programs = car.load_programs(str(REFERENCE / "UnlockPickup"), env_id, car.Args())
+    result = verify(programs, reference_trajectories(env_id, 8, 4, 10))
+    assert result.accepted and result.expert_completed == [4, 4, 4], result.failing
+
+
+@pytest.mark.parametrize("programs, failing, reason", [
+    (["def check(frame):\n    return True"] * 3, 0, "already True in the first frame"),
+    ([KEY_PROGRAM, "def check(frame):\n    return False", KEY_PROGRAM], 1, "in only 0 of 4 trajectories"),
+    ([KEY_PROGRAM, KEY_PROGRAM, (REFERENCE / "DoorKey-8x8" / "subtask_3.py").read_text()], 1, "random play completed"),
+    ([KEY_PROGRAM, "def check(frame):\n    return 1 / 0 > 0", KEY_PROGRAM], 1, "in only 0 of 4 trajectories"),
+], ids=["always true", "always false", "fires on random play", "raises"])
+def test_verification_refuses_bad_programs(doorkey8_trajectories, programs, failing, reason):
+    result = verify(programs, doorkey8_trajectories)
+    assert not result.accepted
+    assert failing in result.failing and reason in result.failing[failing], result.failing
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Here it is:\n```python\nimport numpy as np\ndef check(frame):\n    return True\n```\nDone.",
+     "import numpy as np\ndef check(frame):\n    return True\n"),
+    ("```\ndef check(frame):\n    return False\n```", "def check(frame):\n    return False\n"),
+    ("```python\nX = 1\n```\nand\n```python\ndef check(frame):\n    return X > 0\n```",
+     "def check(frame):\n    return X > 0\n"),
+    ("Sure. The program:\nimport math\ndef check(frame):\n    return math.pi > 3\nIt checks pi.",
+     "import math\ndef check(frame):\n    return math.pi > 3\n"),
+    ("```python\ndef check(frame):\n    return frame.sum() > 0\n", "def check(frame):\n    return frame.sum() > 0\n"),
+    ("```python\ndef check(frame):\n    return (frame\n```", None),
+    ("I cannot write that program.", None),
+    ("```python\ndef helper(frame):\n    return True\n```", None),
+], ids=["fenced", "fence without language", "two blocks", "unfenced with prose", "fence cut off", "broken",
+        "no code", "no check"])
+def test_extract_code(reply, expected):
+    assert car.extract_code(reply) == expected
+
+
+def test_parse_subtasks():
+    reply = "Sub-tasks:\n1. **Pick up the key**\n2) open the door\n3: go to the goal\nThat is all."
+    assert car.parse_subtasks(reply) == ["Pick up the key", "open the door", "go to the goal"]
+    assert car.parse_subtasks("no list here") == []
+
+
+def test_end_to_end_with_reference_programs(tmp_path, monkeypatch, capsys):
+    run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs",
+                str(REFERENCE / "DoorKey-8x8"), "--num-expert", "2", "--num-random", "4", *TINY,
+                "--total-timesteps", "128")
+    out = capsys.readouterr().out
+    assert "expert completed [2, 2, 2] of 2" in out and "iteration 2/2 global_step=128" in out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in (run / "reward_programs").iterdir()) == [
+        "programs.json", "subtask_1.py", "subtask_2.py", "subtask_3.py"]
+    assert {"reward/checker_errors", "reward/bonus_per_step", "losses/value_loss", "charts/SPS"} <= scalar_tags(run)
+
+
+def test_training_goes_on_with_misbehaving_programs(tmp_path, monkeypatch, capsys):
+    """A program that raises at every call and hangs the worker now and then: counted, the worker restarted, the
+    run completes."""
+    folder = tmp_path / "programs"
+    car.save_programs(folder, DOORKEY8, car.Args(), ["raises, and hangs at its 40th call", "never reached"], [
+        ("CALLS = [0]\n"
+         "def check(frame):\n"
+         "    CALLS[0] += 1\n"
+         "    if CALLS[0] == 40:\n"
+         "        try:\n            while True:\n                pass\n"
+         "        finally:\n            while True:\n                pass\n"
+         "    return deeper(frame)\n"
+         "def deeper(frame):\n"
+         "    return deeper(frame)\n"),
+        "def check(frame):\n    return True\n",
+    ])
+    run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs", str(folder),
+                "--num-expert", "0", "--num-random", "0", "--checker-timeout", "0.05", *TINY, "--total-timesteps", "128")
+    out = capsys.readouterr().out
+    assert "iteration 2/2 global_step=128" in out
+    assert re.search(r"checker errors so far: [1-9]", out)
+    (run,) = (tmp_path / "runs").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert events.Scalars("reward/checker_errors")[-1].value >= 64  # the recursion, at most steps of both envs
+    assert events.Scalars("reward/checker_restarts")[-1].value >= 1  # the loop in `finally`
+
+
+def test_tiny_coder_ends_in_one_clear_sentence(tiny_smolvlm_path, tmp_path, monkeypatch, capsys):
+    argv = ["--env-id", "DoorKey", "--coder", f"hf:{tiny_smolvlm_path}", "--max-rounds", "1", "--num-expert", "1",
+            "--num-random", "1", "--max-new-tokens", "8"]
+    message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv, "--total-timesteps", "0")
+    assert message.startswith("The coder listed no sub-tasks (a numbered list) in 1 attempt(s)")
+    assert message.endswith("; pass --if-unverified sparse to train on the env's sparse reward alone, or try a stronger "
+                            "--coder or more --max-rounds.")
+    assert not (tmp_path / "runs").exists()
+    run_as_main(SCRIPT, monkeypatch, tmp_path, *argv, "--if-unverified", "sparse", *TINY, "--total-timesteps", "128")
+    captured = capsys.readouterr()
+    assert "; training on the env's sparse reward alone (--if-unverified sparse)." in captured.err
+    assert "iteration 2/2 global_step=128" in captured.out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert not (run / "reward_programs").exists() and "reward/checker_errors" not in scalar_tags(run)
+
+
+def scripted_coder(body: dict) -> str:
+    """Stage 1 lists DoorKey's sub-tasks; stage 2 answers the reference programs, except that the first program for
+    sub-task 2 fires with sub-task 1 (the key program again) until the failure report comes back."""
+    text = body["messages"][0]["content"][-1]["text"]
+    if "numbered list" in text:
+        return "1. pick up the key\n2. open the door\n3. reach the goal"
+    k = int(re.search(r"True exactly when sub-task (\d)", text).group(1))
+    if k == 2 and "failed verification" not in text:
+        return f"Here you go:\n```python\n{KEY_PROGRAM}```"
+    return f"```python\n{(REFERENCE / 'DoorKey-8x8' / f'subtask_{k}.py').read_text()}```"
+
+
+def test_openai_coder_writes_verifies_and_rewrites(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLM_CAR_TEST_KEY", "sk-secret-test-key")
+    with OpenAIServer(scripted_coder, failures=1, failure="status") as server:
+        run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--coder", "openai:test-vlm",
+                    "--coder-base-url", server.base_url, "--coder-api-key-env", "VLM_CAR_TEST_KEY", "--coder-backoff",
+                    "0", "--num-expert", "2", "--num-random", "10", "--total-timesteps", "0")
+    out = capsys.readouterr().out
+    assert "stage 3, round 1" in out and "sub-task 2 (open the door) fails: random play completed" in out
+    assert "stage 3, round 2" in out and "saved to runs/" in out
+    # 1 failed + 1 stage-1 + 3 programs + 1 rewrite; images go as data URLs; the key only in the header
+    assert len(server.requests) == 6 and set(server.auth) == {"Bearer sk-secret-test-key"}
+    assert server.requests[1]["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert "failed verification" in server.requests[-1]["messages"][0]["content"][-1]["text"]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "reward_programs" / "subtask_2.py").read_text().count("dark_yellow") == 2
+    assert not any("sk-secret" in p.read_bytes().decode(errors="ignore") for p in run.rglob("*") if p.is_file())
+
+
+def test_programs_that_never_pass_end_in_one_sentence(tmp_path, monkeypatch):
+    def always_false(body: dict) -> str:
+        text = body["messages"][0]["content"][-1]["text"]
+        return "1. pick up the key" if "numbered list" in text else "```python\ndef check(frame):\n    return False\n```"
+
+    with OpenAIServer(always_false) as server:
+        message = exit_message(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--coder", "openai:test-vlm",
+                               "--coder-base-url", server.base_url, "--max-rounds", "2", "--num-expert", "2",
+                               "--num-random", "2", "--total-timesteps", "0")
+    assert message.startswith("The coder's reward programs did not pass verification in 2 round(s) (sub-task 1, "
+                              "'pick up the key': the expert completed sub-task 1 in only 0 of 2 trajectories")
+    assert len(server.requests) == 3  # the sub-tasks, the program, its rewrite
+    assert "in only 0 of 2 trajectories" in server.requests[2]["messages"][0]["content"][-1]["text"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--env-id", "NoSuchEnv"], r"^Unknown --env-id 'NoSuchEnv': use one of Fetch, "),
+    (["--env-id", "FrozenLake8x8"], r"^--env-id FrozenLake8x8 is not a grid env"),
+    (["--coder", "gpt-4o"], r"^--coder 'gpt-4o' is not a coder: use hf:"),
+    (["--coder", "openai:gpt-4o"], r"^--coder openai:gpt-4o needs --coder-base-url"),
+    (["--reward-programs", str(REFERENCE / "DoorKey-8x8")],
+     r"was written for --env-id MiniGrid-DoorKey-8x8-v0, not MiniGrid-DoorKey-6x6-v0: pass --env-id"),
+    (["--reward-programs", "/nonexistent"], r"^--reward-programs /nonexistent is not a folder of reward programs"),
+])
+def test_bad_input_is_one_sentence(argv, expected, tmp_path, monkeypatch):
+    message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv, "--num-expert", "1", "--num-random", "1")
+    assert re.search(expected, message), message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_state_programs_read_the_symbolic_view():
+    """--checker-input state: the agent's own cell of the 7x7x5 view holds what it carries."""
+    env = text_envs.make_env("DoorKey", with_image=False)
+    expert = [car.collect_trajectory(env, car.VERIFY_SEED + i, True, "state") for i in range(3)]
+    random_play = [car.collect_trajectory(env, car.VERIFY_SEED + 10 + i, False, "state", 60) for i in range(5)]
+    assert expert[0].frames.shape[1:] == (7, 7, 5)
+    carrying_key = "def check(frame):\n    return bool(frame[3, 6, 0] == 5)"
+    with car.Sandbox([car.load_checker(carrying_key)]) as sandbox:
+        result = car.verify(sandbox, ["pick up the key"], expert, random_play, sandbox.load_errors)
+    assert result.accepted and result.expert_completed == [3], result.failing
+
+
+def test_dense_reward_counts_each_subtask_once_in_order():
+    """Two sub-tasks on 1x1 "frames": value >= 1, then value >= 2. Both may complete in one frame; an ended episode's
+    last frame still counts, then its progress starts again; an env done with every sub-task is not checked."""
+    programs = [car.load_checker(f"def check(frame):\n    return bool(frame[0, 0, 0] >= {k})") for k in (1, 2)]
+
+    def frames(*values: int) -> np.ndarray:
+        return np.array(values, dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(3, axis=3)
+
+    with car.Sandbox(programs) as sandbox:
+        dense = car.SubtaskRewards(sandbox, num_envs=3, bonus=0.5)
+        dense.submit(frames(2, 1, 0), np.array([False, True, False]))
+        bonus, completed = dense.collect()
+        assert bonus.tolist() == [1.0, 0.5, 0.0] and completed == [1]
+        assert dense.progress.tolist() == [2, 0, 0]
+        dense.submit(frames(0, 2, 1), np.array([False, False, False]))
+        bonus, completed = dense.collect()
+        assert bonus.tolist() == [0.0, 1.0, 0.5] and completed == []  # env 0 is not asked again
+        assert dense.progress.tolist() == [2, 2, 1]
+        dense.submit(frames(2, 2, 1), np.array([True, False, False]))
+        bonus, completed = dense.collect()
+        assert bonus.tolist() == [0.0, 0.0, 0.0] and completed == [2]
+        assert dense.progress.tolist() == [0, 2, 1]

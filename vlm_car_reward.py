@@ -1,0 +1,1382 @@
+# Code as Reward (VLM-CaR, Venuto et al. 2024, papers/vlm_car_venuto2024_abstract.txt): a vision-language model
+# (the "coder") breaks the task into sub-tasks (stage 1) and writes, for each one, a program `check(frame) -> bool`
+# that says from one observation whether the sub-task is done (stage 2). The programs are verified on expert and
+# random trajectories and regenerated with the failure report until they pass (stage 3); then PPO trains on the env
+# reward plus a bonus for each sub-task the first time it completes, in order, within an episode (stage 4). The VLM
+# runs only before training: every reward afterwards costs a program call, not a VLM query.
+# The PPO agent is ppo_cnn_baseline.py's on the "state" observation (no checkpoints, videos or evaluation here).
+# Generated code is hostile input: it is checked at load (`load_checker`) and runs only in a worker process with
+# restricted builtins, numpy and math behind allowlists, and OS limits (`Sandbox`).
+import ast
+import base64
+import inspect
+import io
+import json
+import os
+import pickle
+import random
+import re
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Self
+
+import gymnasium as gym
+import huggingface_hub
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import tyro
+from huggingface_hub import try_to_load_from_cache
+from minigrid.core.constants import COLOR_TO_IDX, COLORS, OBJECT_TO_IDX
+from minigrid.minigrid_env import MiniGridEnv
+from PIL import Image
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+import text_envs
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
+FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+VERIFY_SEED = 1_000_000  # verification layouts come from reset seeds far from the training seeds
+MAX_RANDOM_SHARE = 0.1  # SPEC §4: at most 10% of random trajectories may complete two or more sub-tasks
+# Random trajectories are cut at this many times the longest expert trajectory: whole random episodes of
+# DoorKey-8x8 (640 steps) open the door in ~15% of them, and SPEC's 10% test would refuse exact programs.
+RANDOM_LENGTH = 4
+MAX_SUBTASKS = 8
+MAX_PROGRAM_CHARS = 20_000
+CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
+
+# What a program may use. The parent checks names and attributes at load; the worker gets only these objects.
+NUMPY_API = [
+    "abs", "absolute", "add", "all", "allclose", "amax", "amin", "any", "arange", "argmax", "argmin", "argsort",
+    "argwhere", "array", "array_equal", "asarray", "bincount", "bool_", "ceil", "clip", "concatenate",
+    "count_nonzero", "cumsum", "diff", "divide", "dot", "e", "equal", "exp", "expand_dims", "flatnonzero", "flip",
+    "fliplr", "flipud", "float32", "float64", "floor", "full", "full_like", "greater", "greater_equal", "histogram",
+    "hstack", "inf", "int16", "int32", "int64", "int8", "isclose", "isfinite", "isin", "isinf", "isnan", "linspace",
+    "log", "logical_and", "logical_not", "logical_or", "logical_xor", "less", "less_equal", "max", "maximum",
+    "mean", "median", "min", "minimum", "mod", "multiply", "nan", "newaxis", "nonzero", "not_equal", "ones",
+    "ones_like", "percentile", "pi", "prod", "ravel", "repeat", "reshape", "rint", "roll", "rot90", "round", "sign",
+    "sort", "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum", "swapaxes", "tile", "transpose",
+    "uint16", "uint32", "uint8", "unique", "var", "vstack", "where", "zeros", "zeros_like"
+]
+MATH_API = [
+    "ceil", "cos", "e", "exp", "fabs", "floor", "hypot", "inf", "isclose", "isfinite", "isnan", "log", "pi", "sin",
+    "sqrt", "tan"
+]
+SAFE_BUILTINS = [
+    "abs", "all", "any", "bool", "dict", "divmod", "enumerate", "filter", "float", "frozenset", "int", "isinstance",
+    "len", "list", "map", "max", "min", "pow", "range", "reversed", "round", "set", "slice", "sorted", "str", "sum",
+    "tuple", "zip", "ArithmeticError", "Exception", "IndexError", "KeyError", "TypeError", "ValueError",
+    "ZeroDivisionError"
+]
+FORBIDDEN_NAMES = {
+    "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "hasattr", "globals", "locals", "vars",
+    "dir", "input", "breakpoint", "help", "memoryview", "type", "object", "super", "classmethod", "staticmethod",
+    "property", "exit", "quit", "print", "id", "bytearray", "bytes", "BaseException", "SystemExit",
+    "KeyboardInterrupt", "GeneratorExit", "os", "sys", "subprocess", "socket", "signal", "shutil", "pathlib",
+    "builtins", "importlib", "ctypes", "resource", "multiprocessing", "threading", "pickle", "marshal", "io"
+}
+# numpy's and Python's ways out (files, raw memory, interpreter frames) and the ways to make a frame writable
+FORBIDDEN_ATTRIBUTES = {
+    "tofile", "dump", "dumps", "load", "loads", "save", "savez", "savez_compressed", "savetxt", "loadtxt",
+    "fromfile", "frombuffer", "fromregex", "genfromtxt", "memmap", "ctypes", "ctypeslib", "lib", "DataSource",
+    "setflags", "flags", "format", "format_map", "mro", "system", "popen", "fork", "environ", "modules", "getfield",
+    "setfield", "itemset"
+}
+FORBIDDEN_ATTRIBUTE_PREFIXES = ("_", "f_", "gi_", "cr_", "ag_", "tb_", "co_")
+ALLOWED_IMPORTS = {("numpy", "np"), ("math", None), ("math", "math")}
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "vlm-rl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+
+    # Reward programs (stages 1 to 3)
+    env_id: str = "DoorKey"
+    """the id of the environment: a text_envs grid env (short id or full MiniGrid-* / BabyAI-* id)"""
+    coder: str = f"hf:{DEFAULT_MODEL_ID}"
+    """the VLM that writes the programs: hf:<hub id or directory> (a local VLM) or openai:<model> (see --coder-base-url)"""
+    coder_base_url: str | None = None
+    """the OpenAI-compatible server of an openai: coder, e.g. http://localhost:8000/v1"""
+    coder_api_key_env: str = "OPENAI_API_KEY"
+    """the environment variable holding the server's API key (sent as a bearer token, never logged)"""
+    coder_timeout: float = 120.0
+    """seconds to wait for one reply of an openai: coder"""
+    coder_retries: int = 3
+    """retries of a failed request to an openai: coder"""
+    coder_backoff: float = 1.0
+    """seconds before the first retry, doubled for each next one"""
+    max_new_tokens: int = 768
+    """the most tokens the coder writes in one reply"""
+    checker_input: Literal["frame", "state"] = "frame"
+    """what a program reads: the RGB frame of the whole grid (the paper's setting) or the symbolic state (7x7x5)"""
+    tile_size: int = 8
+    """pixels per grid cell of the frames the programs read"""
+    num_expert: int = 10
+    """expert trajectories of the verification: each must complete every sub-task, in order"""
+    num_random: int = 20
+    """random trajectories of the verification: at most 10% may complete two or more sub-tasks"""
+    max_rounds: int = 3
+    """rounds of writing and verifying programs; after a failed round the coder sees the failure report"""
+    reward_programs: str | None = None
+    """a folder of programs saved by an earlier run (runs/<run_name>/reward_programs): no coder is used"""
+    if_unverified: Literal["exit", "sparse"] = "exit"
+    """when no programs pass verification: exit with status 1, or train on the env's sparse reward alone"""
+    checker_timeout: float = 0.1
+    """seconds one program call may take before it counts as not done"""
+    checker_memory_mb: int = 1024
+    """address-space limit of the worker process that runs the programs"""
+
+    # PPO (stage 4), ppo_cnn_baseline.py's
+    subtask_bonus: float = 0.1
+    """reward added for each sub-task the first time it completes, in order, within an episode"""
+    total_timesteps: int = 100000
+    """total timesteps of the experiments (0: write and verify the programs only)"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 4
+    """the number of parallel game environments"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """Toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """Toggles advantages normalization"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """the target KL divergence threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generated code is hostile input: checked at load, run in a worker process
+# ---------------------------------------------------------------------------------------------------------------------
+class UnsafeCodeError(ValueError):
+    """A program that may not run: it does not parse, has no `check(frame)`, or uses a forbidden construct."""
+
+
+def load_checker(code: str) -> str:
+    """Validate a program and return it ready for the sandbox (the allowed imports removed: np and math are given).
+
+    Allowed: `import numpy as np`, `import math`, constants, and functions, one of them `def check(frame)`. Refused:
+    any other import, names or attributes starting with `_` (no dunder walks), the builtins and attributes that reach
+    files, processes, raw memory or the interpreter (FORBIDDEN_NAMES, FORBIDDEN_ATTRIBUTES), classes, generators'
+    and tracebacks' frames, `global`, `with`, bare `except:` (it would swallow the worker's time limit).
+    """
+    if len(code) > MAX_PROGRAM_CHARS:
+        raise UnsafeCodeError(f"the program has {len(code)} characters, more than {MAX_PROGRAM_CHARS}")
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError) as error:
+        raise UnsafeCodeError(f"the program does not parse ({type(error).__name__}: {error})") from None
+    body = []
+    for statement in tree.body:
+        if isinstance(statement, ast.Import) and all((a.name, a.asname) in ALLOWED_IMPORTS for a in statement.names):
+            continue
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            raise UnsafeCodeError(f"line {statement.lineno} imports: only `import numpy as np` and `import math` exist")
+        if isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets):
+            try:
+                ast.literal_eval(statement.value)
+            except ValueError:
+                raise UnsafeCodeError(f"line {statement.lineno}: top-level assignments must be constants") from None
+        elif not isinstance(statement, ast.FunctionDef) and not (
+            isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+        ):
+            raise UnsafeCodeError(f"line {statement.lineno}: only imports, constants and functions at the top level")
+        body.append(statement)
+    checks = [s for s in body if isinstance(s, ast.FunctionDef) and s.name == "check"]
+    if len(checks) != 1:
+        raise UnsafeCodeError("the program must define `def check(frame)` exactly once")
+    arguments = checks[0].args
+    if len(arguments.args) != 1 or arguments.vararg or arguments.kwarg or arguments.kwonlyargs or arguments.posonlyargs:
+        raise UnsafeCodeError("`check` must take exactly one argument, the frame")
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        where = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            raise UnsafeCodeError(f"{where} imports inside a function")
+        if isinstance(node, (ast.Global, ast.Nonlocal, ast.ClassDef, ast.AsyncFunctionDef, ast.Await, ast.Yield,
+                             ast.YieldFrom, ast.With, ast.AsyncWith, ast.AsyncFor)):
+            raise UnsafeCodeError(f"{where} uses `{type(node).__name__}`, which programs may not")
+        if isinstance(node, ast.ExceptHandler) and node.type is None:
+            raise UnsafeCodeError(f"{where} has a bare `except:`; name the exceptions")
+        if isinstance(node, ast.FunctionDef):
+            if node.decorator_list:
+                raise UnsafeCodeError(f"{where} decorates a function")
+            for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
+                try:
+                    ast.literal_eval(default)
+                except ValueError:
+                    raise UnsafeCodeError(f"{where}: default arguments must be constants") from None
+        names = []
+        if isinstance(node, ast.Name):
+            names.append(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.arg)):
+            names.append(node.name if isinstance(node, ast.FunctionDef) else node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.append(node.name)
+        for name in names:
+            if name.startswith("_") or name in FORBIDDEN_NAMES:
+                raise UnsafeCodeError(f"{where} uses the name `{name}`, which programs may not")
+        if isinstance(node, ast.Attribute) and (
+            node.attr.startswith(FORBIDDEN_ATTRIBUTE_PREFIXES) or node.attr in FORBIDDEN_ATTRIBUTES
+        ):
+            raise UnsafeCodeError(f"{where} reads the attribute `.{node.attr}`, which programs may not")
+        if isinstance(node, ast.keyword) and node.arg and node.arg.startswith("_"):
+            raise UnsafeCodeError(f"{where} passes the keyword `{node.arg}`, which programs may not")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "__" in node.value:
+            raise UnsafeCodeError(f"{where} has a string with `__`, which programs may not")
+    return ast.unparse(ast.Module(body=body, type_ignores=[]))
+
+
+def sandbox_worker() -> None:
+    """The worker's main loop. It runs in a fresh `python -I` of its own (see Sandbox), which knows nothing of this
+    file: it imports what it needs here, and gets its allowlists and limits from the parent's first message."""
+    import builtins
+    import json
+    import math
+    import os
+    import pickle
+    import resource
+    import signal
+    import struct
+    import types
+
+    import numpy as np
+
+    # the protocol keeps private copies of the pipes; fds 0, 1, 2 go to /dev/null
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+    def receive() -> object:  # from the trusted parent: pickles
+        data = b""
+        while len(data) < 8 or len(data) < 8 + struct.unpack("<Q", data[:8])[0]:
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                os._exit(0)
+            data += chunk
+        return pickle.loads(data[8:])
+
+    def send(message: dict) -> None:  # to the parent: JSON only, so that nothing from a program can unpickle there
+        data = json.dumps(message).encode()
+        data = struct.pack("<Q", len(data)) + data
+        while data:
+            data = data[os.write(write_fd, data):]
+
+    class TimeLimit(BaseException):  # not an Exception: `except Exception` in a program cannot catch it
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise TimeLimit
+
+    config, programs = receive()
+    signal.signal(signal.SIGALRM, on_alarm)
+    if os.getuid() == 0:  # as root the process limit would not hold: become nobody
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    numpy_api = types.SimpleNamespace(**{name: getattr(np, name) for name in config["numpy"]})
+    math_api = types.SimpleNamespace(**{name: getattr(math, name) for name in config["math"]})
+    safe_builtins = {name: getattr(builtins, name) for name in config["builtins"]}
+
+    def numpy_import(name: str, *arguments: object) -> object:  # numpy's C code imports its own modules by name
+        if name == "numpy" or name.startswith("numpy."):
+            return builtins.__import__(name, *arguments)
+        raise ImportError(name)
+
+    safe_builtins["__import__"] = numpy_import  # programs cannot name it: underscores are refused at load
+    # no memory beyond the limit, no files written, no processes, no core dumps, no new file descriptors
+    resource.setrlimit(resource.RLIMIT_AS, (config["memory_bytes"], config["memory_bytes"]))
+    for limit in (resource.RLIMIT_FSIZE, resource.RLIMIT_NPROC, resource.RLIMIT_CORE):
+        resource.setrlimit(limit, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(read_fd, write_fd) + 1, max(read_fd, write_fd) + 1))
+
+    def call(function: object, *arguments: object) -> tuple[object, str | None]:
+        signal.setitimer(signal.ITIMER_REAL, config["time_limit"])
+        try:
+            return function(*arguments), None
+        except TimeLimit:
+            return None, "ran past its time limit"
+        except Exception as error:  # noqa: BLE001 (whatever a program raises means "not done")
+            return None, f"{type(error).__name__}: {error}"[:300]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    checks, loaded = [], []
+    for program in programs:
+        namespace = {"__builtins__": safe_builtins, "np": numpy_api, "math": math_api}
+        _, error = call(exec, program, namespace)
+        checks.append(namespace.get("check") if error is None else None)
+        loaded.append(error)
+    send({"loaded": loaded})
+
+    while True:
+        starts, sequences = receive()
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        budget = config["time_limit"] * (sum(len(s) for s in sequences) + len(sequences)) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime + budget) + 1, resource.RLIM_INFINITY))
+        completed, errors = [], []
+        for start, frames in zip(starts, sequences):
+            steps, k, stuck = [], start, False
+            for t in range(len(frames)):
+                while k < len(checks) and not stuck:
+                    frame = frames[t].copy()  # each call gets its own read-only copy
+                    frame.setflags(write=False)
+                    result, error = call(checks[k], frame) if checks[k] else (None, "did not load")
+                    if error is None and not isinstance(result, (bool, np.bool_)):
+                        error = f"returned {type(result).__name__}, not a bool"
+                    if error is not None:
+                        errors.append(f"sub-task {k + 1}, frame {t}: {error}")
+                        stuck = error == "ran past its time limit"  # one time-out per sequence, not one per frame
+                    if error is not None or not result:
+                        break
+                    steps.append(t)
+                    k += 1
+            completed.append(steps)
+        send({"completed": completed, "errors": len(errors), "messages": errors[:5]})
+
+
+WORKER_SOURCE = f"{inspect.getsource(sandbox_worker)}\nsandbox_worker()\n"  # read once, at import
+
+
+class WorkerFailure(Exception):
+    """The worker died, hung past its deadline or answered something that is not the protocol."""
+
+
+class Sandbox:
+    """The programs of one run in a worker process of their own: a fresh `python -I` with an empty environment and
+    working directory (as nobody when started as root), restricted builtins, numpy and math behind allowlists, and
+    limits on memory (RLIMIT_AS), CPU time, file size (0), processes (0) and file descriptors. A batch of frame
+    sequences goes in (`submit`), and for each the frames at which the next sub-tasks completed in order come back
+    (`collect`). A call that raises or runs past its time limit is "not done"; a worker that dies, hangs or answers
+    outside the protocol is killed and restarted, and its batch counts as "not done"."""
+
+    def __init__(self, programs: Sequence[str], time_limit: float = 0.1, memory_mb: int = 1024):
+        self.programs, self.time_limit, self.memory_mb = list(programs), time_limit, memory_mb
+        self.errors, self.restarts, self.messages = 0, 0, []
+        self.process: subprocess.Popen | None = None
+        self.load_errors = self._start()
+
+    def _start(self) -> list[str | None]:
+        self.workdir = tempfile.mkdtemp(prefix="vlm-car-worker-")
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-c", WORKER_SOURCE],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir,
+            env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, start_new_session=True,
+        )
+        config = {"numpy": NUMPY_API, "math": MATH_API, "builtins": SAFE_BUILTINS, "time_limit": self.time_limit,
+                  "memory_bytes": self.memory_mb << 20}
+        try:
+            failed = self._send((config, self.programs))
+            if failed:
+                raise WorkerFailure(failed)
+            reply = self._receive(time.monotonic() + 10.0 + self.time_limit * len(self.programs))
+        except WorkerFailure as error:
+            raise SystemExit(f"The worker that runs the reward programs did not start ({error}).") from None
+        loaded = reply.get("loaded")
+        if not (isinstance(loaded, list) and len(loaded) == len(self.programs)):
+            raise SystemExit("The worker that runs the reward programs answered its setup wrongly.")
+        return [error if isinstance(error, str) else None for error in loaded]
+
+    def _send(self, message: object) -> str | None:
+        """Write a request; why it failed, or None."""
+        data = pickle.dumps(message, protocol=5)
+        try:
+            self.process.stdin.write(struct.pack("<Q", len(data)) + data)
+            self.process.stdin.flush()
+        except OSError as error:
+            return f"its pipe closed ({type(error).__name__})"
+        return None
+
+    def _receive(self, deadline: float) -> dict:
+        """The worker's answer, read until `deadline` (time.monotonic())."""
+        fd, reply = self.process.stdout.fileno(), b""
+        while len(reply) < 8 or len(reply) < 8 + struct.unpack("<Q", reply[:8])[0]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise WorkerFailure("no answer in time")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise WorkerFailure(f"it exited with status {self.process.wait()}")
+            reply += chunk
+        try:
+            answer = json.loads(reply[8:])
+        except ValueError:
+            raise WorkerFailure("its answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise WorkerFailure("its answer is not a JSON object")
+        return answer
+
+    def _stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout):
+                try:
+                    stream.close()
+                except OSError:  # a killed worker leaves the request unsent
+                    pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _note(self, message: str) -> None:
+        self.messages = (self.messages + [message])[-20:]
+
+    def submit(self, starts: Sequence[int], sequences: Sequence[np.ndarray]) -> None:
+        """Send a batch: for each sequence of frames, the programs from sub-task starts[i] on. `collect` answers it, so
+        the trainer can work while the worker checks."""
+        self.request = (list(starts), [len(frames) for frames in sequences])
+        self.deadline = time.monotonic() + 1.0 + self.time_limit * (sum(self.request[1]) + len(sequences))
+        self.send_failure = self._send((list(starts), list(sequences)))
+
+    def collect(self) -> list[list[int]]:
+        """For each sequence of the submitted batch, the indices of the frames at which sub-tasks starts[i],
+        starts[i] + 1, ... completed, each program evaluated from the frame where the previous one completed."""
+        starts, lengths = self.request
+        try:
+            if self.send_failure:
+                raise WorkerFailure(self.send_failure)
+            answer = self._receive(self.deadline)
+            completed = answer.get("completed")
+            if not (isinstance(completed, list) and len(completed) == len(starts) and all(
+                isinstance(steps, list) and len(steps) <= len(self.programs) - start
+                and all(isinstance(t, int) and 0 <= t < length for t in steps)
+                for steps, start, length in zip(completed, starts, lengths)
+            )):
+                raise WorkerFailure("its answer does not fit the request")
+        except WorkerFailure as error:
+            self.errors += 1
+            self.restarts += 1
+            self._note(f"worker killed and restarted: {error}")
+            self._stop()
+            self._start()
+            return [[] for _ in starts]
+        errors, messages = answer.get("errors"), answer.get("messages")
+        self.errors += errors if isinstance(errors, int) else 1
+        for message in messages[:5] if isinstance(messages, list) else []:
+            self._note(str(message)[:300])
+        return completed
+
+    def advance(self, starts: Sequence[int], sequences: Sequence[np.ndarray]) -> list[list[int]]:
+        """`submit`, then `collect`."""
+        self.submit(starts, sequences)
+        return self.collect()
+
+    def close(self) -> None:
+        """Stop the worker."""
+        self._stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The coder: a local VLM or an OpenAI-compatible server, and what its replies are read for
+# ---------------------------------------------------------------------------------------------------------------------
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+NUMBERED = re.compile(r"^\s*(?:step\s*)?\d{1,2}\s*[.):]\s*(.*\S)\s*$", re.IGNORECASE | re.MULTILINE)
+CODE_START = re.compile(r"^(?:import |from |def |[A-Za-z_][A-Za-z0-9_]* = )")
+
+
+def _parses(code: str) -> bool:
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in tree.body)
+
+
+def extract_code(text: str) -> str | None:
+    """The program in a reply: the fenced block that defines `check` (a block cut off at the end of the reply counts),
+    else the longest run of lines around `def check` that parses; None when there is no parsable `check`."""
+    blocks = [match.group(2) for match in FENCE.finditer(text)]
+    for block in blocks:
+        if "def check" in block and _parses(block):
+            return block.strip() + "\n"
+    lines = text.splitlines()[:500]
+    defs = [i for i, line in enumerate(lines) if line.startswith("def check")]
+    if not defs:
+        return None
+    starts = [i for i in range(defs[0] + 1) if CODE_START.match(lines[i])]
+    for start in starts:  # earliest code line first (imports and constants), then the longest piece that parses
+        for end in range(len(lines), defs[0], -1):
+            code = "\n".join(lines[start:end])
+            if _parses(code):
+                return code.strip() + "\n"
+    return None
+
+
+def parse_subtasks(text: str) -> list[str]:
+    """The numbered list of a stage-1 reply, in order (markdown emphasis removed); [] when there is none."""
+    items = [re.sub(r"[*_`]+", "", match.group(1)).strip() for match in NUMBERED.finditer(text)]
+    return [item for item in items if item][:MAX_SUBTASKS]
+
+
+def coder_kind(coder: str) -> Literal["hf", "openai"] | None:
+    """Which backend a --coder value names, or None."""
+    prefix, _, name = coder.partition(":")
+    return prefix if prefix in ("hf", "openai") and name else None
+
+
+def coder_image(frame: np.ndarray) -> np.ndarray:
+    """The frame enlarged by an integer factor (nearest neighbour) to at least CODER_IMAGE_SIDE pixels."""
+    factor = max(1, -(-CODER_IMAGE_SIDE // max(frame.shape[:2])))
+    return frame.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """The image as a base64 PNG data URL, the way OpenAI's chat API takes images."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class CoderUnavailable(Exception):
+    """The coder's server failed every attempt."""
+
+
+class OpenAICoder:
+    """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs), each failed
+    request retried with exponential backoff."""
+
+    def __init__(self, model: str, base_url: str, api_key: str | None, max_new_tokens: int, timeout: float,
+                 retries: int, backoff: float):
+        self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
+        self.max_new_tokens, self.timeout, self.retries, self.backoff = max_new_tokens, timeout, retries, backoff
+
+    def __call__(self, text: str, images: Sequence[np.ndarray]) -> str:
+        """The reply to one user turn: the images, then the text."""
+        content = [{"type": "image_url", "image_url": {"url": png_data_url(coder_image(image))}} for image in images]
+        body = json.dumps({"model": self.model, "max_tokens": self.max_new_tokens, "temperature": 0,
+                           "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as error:  # HTTP, timeout, not the API's JSON
+                reason = f"{type(error).__name__}: {error}"
+                if attempt < self.retries:
+                    time.sleep(self.backoff * 2**attempt)
+        raise CoderUnavailable(f"{self.url} failed {self.retries + 1} times, last with {reason}")
+
+
+class HFCoder:
+    """A local VLM: greedy replies, the images before the text in the model's chat template."""
+
+    def __init__(self, model: nn.Module, processor: object, max_new_tokens: int):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, text: str, images: Sequence[np.ndarray]) -> str:
+        """The reply to one user turn: the images, then the text."""
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                    tokenize=False)
+        enc = self.processor(text=[prompt], images=[[coder_image(image) for image in images]], return_tensors="pt")
+        out = self.model.generate(**enc.to(self.model.device), do_sample=False, max_new_tokens=self.max_new_tokens)
+        return self.processor.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
+    """Ask the Hugging Face Hub about `model_id`, giving up after `timeout` seconds (at once when HF_HUB_OFFLINE is set)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "unreachable"
+    answer: list[str] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(f"{huggingface_hub.constants.ENDPOINT}/api/models/{model_id}", timeout=timeout)
+            answer.append("found")
+        except urllib.error.HTTPError as err:  # 401 / 403: gated or private, the download will ask for a token
+            answer.append({401: "found", 403: "found", 404: "missing"}.get(err.code, "unreachable"))
+        except (OSError, ValueError):
+            answer.append("unreachable")
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread, so a hanging DNS lookup cannot wait longer
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else "unreachable"
+
+
+def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, bool]:
+    """Where to load `model_id` from and whether to stay offline; the default model falls back to assets/."""
+    if os.path.isdir(model_id):
+        return model_id, True
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise SystemExit(f"model directory {model_id} does not exist.")
+    try:
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:
+        raise SystemExit(f"{model_id!r} is neither a local directory nor a valid Hugging Face model id.") from None
+    if cached:
+        return model_id, True
+    status = hub_status(model_id, hub_timeout)
+    if status == "found":
+        return model_id, False
+    reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
+    if model_id == DEFAULT_MODEL_ID:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
+              f"its programs will not pass verification.\n{bar}", file=sys.stderr)
+        return str(FALLBACK_MODEL_DIR), True
+    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+                     "check the id, download the model first, or pass a local directory.")
+
+
+def load_coder_model(model_id: str, device: torch.device) -> tuple[nn.Module, object]:
+    """The coder VLM (frozen, greedy) and its processor."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        GenerationConfig,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    source, offline = resolve_model_source(model_id)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"cannot load coder model {model_id!r} ({reason}).") from None
+    if config.model_type == "idefics" or config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise SystemExit(f"coder model {model_id!r} ({config.model_type}) is not a vision-language model with a chat "
+                         "template: use e.g. SmolVLM, Idefics3, LLaVA or Qwen2-VL.")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map={"": device},
+                                                        local_files_only=offline).eval()
+    processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+    ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(**ids)
+    return model, processor
+
+
+def build_coder(args: Args, device: torch.device) -> Callable[[str, Sequence[np.ndarray]], str]:
+    """The coder that --coder names."""
+    kind, name = coder_kind(args.coder), args.coder.partition(":")[2]
+    if kind == "openai":
+        return OpenAICoder(name, args.coder_base_url, os.environ.get(args.coder_api_key_env), args.max_new_tokens,
+                           args.coder_timeout, args.coder_retries, args.coder_backoff)
+    model, processor = load_coder_model(name, device)
+    return HFCoder(model, processor, args.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages 1 to 3: sub-tasks, programs, verification
+# ---------------------------------------------------------------------------------------------------------------------
+SUBTASK_PROMPT = (
+    "The two images show a grid world from above: the first at the start of an episode, the second at its end, after "
+    "an expert completed the task. The agent is the red triangle. The task: {mission}.\n"
+    "Break the task into the sub-tasks the agent completes, in order, each one visible in a single image of the grid. "
+    "Answer with a numbered list, one short sub-task per line (at most {max_subtasks}), and nothing else."
+)
+FRAME_INPUT = (
+    "`frame` is a numpy uint8 array of shape ({height}, {width}, 3), RGB: the whole grid seen from above (the image "
+    "shows the start of an episode), {cols} x {rows} cells of {tile} x {tile} pixels; cell (x, y) covers "
+    "frame[y*{tile}:(y+1)*{tile}, x*{tile}:(x+1)*{tile}]. Walls are grey {grey}, the goal is a green square, the agent "
+    "is a red triangle, and keys, doors, balls and boxes are drawn in their colour; a locked door is a filled square, "
+    "an open door a thin bar at the side of its cell, and an object the agent carries is not drawn. Colours (RGB): "
+    "{colours}."
+)
+STATE_INPUT = (
+    "`frame` is a numpy uint8 array of shape (7, 7, 5): the agent's 7 x 7 view, frame[x, y], the agent at frame[3, 6] "
+    "looking towards y = 0 (its own cell holds what it carries). Channel 0 is the object ({objects}), channel 1 the "
+    "colour ({colours}), channel 2 the state (doors: 0 open, 1 closed, 2 locked), channels 3 and 4 the mission's "
+    "target object and colour + 1 (0: none)."
+)
+PROGRAM_PROMPT = (
+    "A grid world. The task: {mission}. Its sub-tasks, in order:\n{subtasks}\n"
+    "Write a Python function `def check(frame) -> bool` that returns True exactly when sub-task {k} ({subtask}) has "
+    "been completed in the observation `frame`, and False before. {input}\n"
+    "numpy is available as `np` and the math module as `math`; nothing else can be imported, names starting with an "
+    "underscore are not allowed, and the function must not read or write files. Answer with the code in one "
+    "```python block."
+)
+FEEDBACK_PROMPT = (
+    "\n\nYour previous program for this sub-task was:\n```python\n{code}\n```\nIt failed verification on expert and "
+    "random trajectories: {report}. Write a corrected program."
+)
+
+
+class Trajectory(NamedTuple):
+    frames: np.ndarray  # [T + 1, ...] what the programs read, from the reset observation to the last one
+    success: bool
+
+
+def collect_trajectory(env: gym.Env, seed: int, expert: bool, key: str, max_steps: int | None = None) -> Trajectory:
+    """One episode of the env's expert (text_envs.expert_action) or of uniformly random actions, from reset(seed),
+    cut after `max_steps` steps."""
+    obs, _ = env.reset(seed=seed)
+    frames, rng, success = [obs[key]], np.random.default_rng(seed), False
+    while max_steps is None or len(frames) <= max_steps:
+        action = text_envs.expert_action(env) if expert else int(rng.integers(env.action_space.n))
+        obs, _, terminated, truncated, info = env.step(action)
+        frames.append(obs[key])
+        success = bool(info["success"])
+        if terminated or truncated:
+            break
+    return Trajectory(np.stack(frames), success)
+
+
+class Verification(NamedTuple):
+    accepted: bool
+    failing: dict[int, str]  # sub-task index -> why its program must be rewritten
+    summary: str  # one line
+    expert_completed: list[int]  # per sub-task: expert trajectories that completed it (in order)
+    random_completed: list[int]  # per sub-task: random trajectories that completed it (in order)
+    random_two_or_more: int  # random trajectories that completed two or more sub-tasks
+
+
+def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[Trajectory], random_play: Sequence[Trajectory],
+           load_errors: Sequence[str | None]) -> Verification:
+    """SPEC §4's test: every expert trajectory completes every sub-task in order, and at most 10% of random
+    trajectories complete two or more. Ours on top: no sub-task is complete in an episode's first frame (an
+    always-true program next to good ones would otherwise pass)."""
+    n = len(subtasks)
+    expert_steps = [sandbox.advance([0], [trajectory.frames])[0] for trajectory in expert]
+    random_steps = [sandbox.advance([0], [trajectory.frames])[0] for trajectory in random_play]
+    expert_completed = [sum(len(steps) > k for steps in expert_steps) for k in range(n)]
+    random_completed = [sum(len(steps) > k for steps in random_steps) for k in range(n)]
+    random_two_or_more = random_completed[1] if n > 1 else 0
+    allowed = int(MAX_RANDOM_SHARE * len(random_play))
+    at_start = sum(steps[:1] == [0] for steps in expert_steps + random_steps)
+    failing: dict[int, str] = {k: f"it could not run ({error})" for k, error in enumerate(load_errors) if error}
+    if at_start and 0 not in failing:
+        failing[0] = f"it is already True in the first frame of {at_start} episodes, before the agent did anything"
+    first_missed = next((k for k in range(n) if expert_completed[k] < len(expert)), None)
+    if first_missed is not None and first_missed not in failing:
+        failing[first_missed] = (f"the expert completed sub-task {first_missed + 1} in only "
+                                 f"{expert_completed[first_missed]} of {len(expert)} trajectories (needs all)")
+    if random_two_or_more > allowed:
+        for k in range(1, n):
+            if random_completed[k] > allowed and k not in failing:
+                failing[k] = (f"random play completed it (after the sub-tasks before it) in {random_completed[k]} of "
+                              f"{len(random_play)} random trajectories (at most {allowed} may complete two or more)")
+    summary = (f"expert completed {expert_completed} of {len(expert)}, random completed {random_completed} of "
+               f"{len(random_play)} (two or more: {random_two_or_more}, allowed {allowed}), checker errors "
+               f"{sandbox.errors}")
+    return Verification(not failing, failing, summary, expert_completed, random_completed, random_two_or_more)
+
+
+def program_prompt(mission: str, subtasks: Sequence[str], k: int, checker_input: str, frame_shape: tuple[int, ...],
+                   grid: tuple[int, int], tile: int) -> str:
+    """The stage-2 prompt for sub-task k: the task, all sub-tasks, and what `frame` holds."""
+    if checker_input == "frame":
+        colours = ", ".join(f"{name} {tuple(int(v) for v in rgb)}" for name, rgb in COLORS.items())
+        described = FRAME_INPUT.format(height=frame_shape[0], width=frame_shape[1], cols=grid[0], rows=grid[1],
+                                       tile=tile, grey=tuple(int(v) for v in COLORS["grey"]), colours=colours)
+    else:
+        described = STATE_INPUT.format(objects=", ".join(f"{i} {name}" for name, i in OBJECT_TO_IDX.items()),
+                                       colours=", ".join(f"{i} {name}" for name, i in COLOR_TO_IDX.items()))
+    listed = "\n".join(f"{i + 1}. {subtask}" for i, subtask in enumerate(subtasks))
+    return PROGRAM_PROMPT.format(mission=mission, subtasks=listed, k=k + 1, subtask=subtasks[k], input=described)
+
+
+class NoPrograms(Exception):
+    """No reward programs passed verification; the message says why (one sentence, without its full stop)."""
+
+
+def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env: gym.Env, args: Args,
+                          expert: Sequence[Trajectory], random_play: Sequence[Trajectory], grid: tuple[int, int],
+                          log: Callable[[str], None]) -> tuple[list[str], list[str], Verification]:
+    """Stages 1 to 3: sub-tasks from the first and last frame of an expert episode, one program per sub-task, and
+    rounds of verification in which the failing programs are rewritten with the failure report."""
+    shown = collect_trajectory(env, VERIFY_SEED - 1, expert=True, key="image")
+    mission = env.unwrapped.mission
+    subtasks: list[str] = []
+    for attempt in range(args.max_rounds):  # stage 1
+        reply = coder(SUBTASK_PROMPT.format(mission=mission, max_subtasks=MAX_SUBTASKS),
+                      [shown.frames[0], shown.frames[-1]])
+        subtasks = parse_subtasks(reply)
+        log(f"stage 1, attempt {attempt + 1}: sub-tasks {subtasks}")
+        if subtasks:
+            break
+    if not subtasks:
+        raise NoPrograms(f"The coder listed no sub-tasks (a numbered list) in {args.max_rounds} attempt(s), so there "
+                         f"are no reward programs (its last reply began {reply[:80]!r})")
+    sources: list[str | None] = [None] * len(subtasks)  # the validated programs (None: no usable code)
+    codes = [""] * len(subtasks)  # the code as the coder wrote it, shown back with the failure report
+    load_errors: list[str | None] = [None] * len(subtasks)
+    to_write = dict.fromkeys(range(len(subtasks)), "")  # sub-task -> the failure report of its last program
+    for round_ in range(1, args.max_rounds + 1):
+        for k, failure in to_write.items():  # stage 2, or a rewrite with the report of stage 3
+            prompt = program_prompt(mission, subtasks, k, args.checker_input, expert[0].frames.shape[1:], grid,
+                                    args.tile_size)
+            if failure:
+                prompt += FEEDBACK_PROMPT.format(code=codes[k] or "(no code)", report=failure)
+            codes[k] = extract_code(coder(prompt, [shown.frames[0]])) or ""
+            sources[k], load_errors[k] = None, "the reply has no `def check(frame)` in a ```python block"
+            if codes[k]:
+                try:
+                    sources[k], load_errors[k] = load_checker(codes[k]), None
+                except UnsafeCodeError as error:
+                    load_errors[k] = f"UnsafeCodeError: {error}"
+        programs = [source or "def check(frame):\n    return False\n" for source in sources]
+        with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
+            errors = [load_errors[k] or sandbox.load_errors[k] for k in range(len(subtasks))]
+            verification = verify(sandbox, subtasks, expert, random_play, errors)
+        log(f"stage 3, round {round_}: {verification.summary}")
+        for k, reason in verification.failing.items():
+            log(f"  sub-task {k + 1} ({subtasks[k]}) fails: {reason}")
+        if verification.accepted:
+            return subtasks, programs, verification
+        to_write = dict(verification.failing)
+    k, reason = next(iter(sorted(verification.failing.items())))
+    raise NoPrograms(f"The coder's reward programs did not pass verification in {args.max_rounds} round(s) "
+                     f"(sub-task {k + 1}, {subtasks[k]!r}: {reason})")
+
+
+def save_programs(path: Path, env_id: str, args: Args, subtasks: Sequence[str], programs: Sequence[str]) -> None:
+    """Write the programs (subtask_1.py, ...) and programs.json, which --reward-programs reads back."""
+    path.mkdir(parents=True, exist_ok=True)
+    files = [f"subtask_{k + 1}.py" for k in range(len(programs))]
+    for k, (subtask, program, name) in enumerate(zip(subtasks, programs, files)):
+        (path / name).write_text(f"# sub-task {k + 1}: {subtask}\n{program}")
+    manifest = {"env_id": env_id, "checker_input": args.checker_input, "tile_size": args.tile_size,
+                "subtasks": list(subtasks), "files": files}
+    (path / "programs.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_programs(path: str, env_id: str, args: Args) -> tuple[list[str], list[str]]:
+    """The sub-tasks and validated programs of a --reward-programs folder, checked against this run's flags."""
+    try:
+        manifest = json.loads((Path(path) / "programs.json").read_text())
+        subtasks, files = [str(s) for s in manifest["subtasks"]], [str(f) for f in manifest["files"]]
+        codes = [(Path(path) / name).read_text() for name in files]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"--reward-programs {path} is not a folder of reward programs ({type(error).__name__}: "
+                         f"{error}); pass a runs/<run_name>/reward_programs folder.") from None
+    for flag, value in (("env_id", env_id), ("checker_input", args.checker_input), ("tile_size", args.tile_size)):
+        if manifest.get(flag) != value and not (flag == "tile_size" and args.checker_input == "state"):
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(f"--reward-programs {path} was written for {name} {manifest.get(flag)}, not {value}: "
+                             f"pass {name} {manifest.get(flag)}.")
+    if not subtasks or len(subtasks) != len(files):
+        raise SystemExit(f"--reward-programs {path} lists {len(subtasks)} sub-tasks and {len(files)} files.")
+    programs = []
+    for name, code in zip(files, codes):
+        try:
+            programs.append(load_checker(code))
+        except UnsafeCodeError as error:
+            raise SystemExit(f"--reward-programs {path}: {name} is refused ({error}).") from None
+    return subtasks, programs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 4: PPO, ppo_cnn_baseline.py's agent on the "state" observation
+# ---------------------------------------------------------------------------------------------------------------------
+def make_env(env_id: str, seed: int, image_size: int, frames: str | None) -> Callable[[], gym.Env]:
+    """A thunk building one text_envs env whose observation is {"state": the agent's input, "frame": what the
+    programs read ("image" or "state"; none without programs)}."""
+
+    def thunk() -> gym.Env:
+        env = text_envs.make_env(env_id, seed=seed, image_size=image_size, with_image=frames == "image")
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        key = frames or "state"
+        space = gym.spaces.Dict({"state": env.observation_space["state"], "frame": env.observation_space[key]})
+        return gym.wrappers.TransformObservation(env, lambda obs: {"state": obs["state"], "frame": obs[key]}, space)
+
+    return thunk
+
+
+def make_envs(args: Args, image_size: int, frames: str | None) -> gym.vector.SyncVectorEnv:
+    """The training vector env; SAME_STEP autoreset puts each episode's last observation in infos["final_obs"]."""
+    return gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed + i, image_size, frames) for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+
+
+def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
+    """Orthogonal weights and constant biases, as in CleanRL."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """ppo_cnn_baseline's agent for a symbolic grid: rl-starter-files' convs, actor and critic heads of 64 tanh units."""
+
+    def __init__(self, envs: gym.vector.VectorEnv):
+        super().__init__()
+        space = envs.single_observation_space["state"]
+        self.network = nn.Sequential(
+            layer_init(nn.Conv2d(space.shape[2], 16, 2)),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            layer_init(nn.Conv2d(16, 32, 2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 2)),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            num_features = self.encode(torch.zeros(1, *space.shape)).shape[1]
+        num_actions = envs.single_action_space.n
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(num_features, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0)
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(num_features, 64)), nn.Tanh(), layer_init(nn.Linear(64, num_actions), std=0.01)
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The grid, channels first, through the encoder."""
+        return self.network(x.permute(0, 3, 1, 2))
+
+    def get_value(self, x: torch.Tensor) -> torch.Tensor:
+        """V(x)."""
+        return self.critic(self.encode(x))
+
+    def get_action_and_value(
+        self, x: torch.Tensor, action: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sampled (or the given) action, its log-probability, the policy's entropy and V(x)."""
+        hidden = self.encode(x)
+        probs = Categorical(logits=self.actor(hidden))
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    final_values: torch.Tensor,
+    next_value: torch.Tensor,
+    next_done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns for (num_steps, num_envs) tensors (ppo_cnn_baseline's: a truncation bootstraps)."""
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        delta = rewards[t] + gamma * (nextvalues * nextnonterminal + final_values[t]) - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
+class SubtaskRewards:
+    """Stage 4's dense reward. `submit` sends the frames of a vector step, each env's next not-yet-completed program
+    first in line, in one worker call; `collect` (called one step later: the worker checks while the agent acts)
+    returns that step's bonus per env, `bonus` for each sub-task completed in order, and the sub-tasks completed in
+    the episodes that ended in that step, whose progress starts again from 0."""
+
+    def __init__(self, sandbox: Sandbox, num_envs: int, bonus: float):
+        self.sandbox, self.bonus = sandbox, bonus
+        self.progress = np.zeros(num_envs, dtype=np.int64)  # sub-tasks completed, in order, in each env's episode
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None  # the submitted step's active envs and ended envs
+
+    def submit(self, frames: np.ndarray, ended: np.ndarray) -> None:
+        active = np.flatnonzero(self.progress < len(self.sandbox.programs))
+        self.sandbox.submit(self.progress[active].tolist(), [frames[i][None] for i in active])
+        self.pending = (active, ended)
+
+    def collect(self) -> tuple[np.ndarray, list[int]]:
+        active, ended = self.pending
+        self.pending = None
+        new = np.zeros(len(self.progress), dtype=np.int64)
+        new[active] = [len(steps) for steps in self.sandbox.collect()]
+        self.progress += new
+        completed = [int(self.progress[i]) for i in np.flatnonzero(ended)]
+        self.progress[ended] = 0
+        return self.bonus * new, completed
+
+
+def grid_size(env_id: str) -> tuple[int, int]:
+    """(width, height) in cells of a text_envs grid env; one clear sentence for anything else."""
+    try:
+        env = text_envs.make_env(env_id, with_image=False)
+    except ValueError:
+        raise SystemExit(f"Unknown --env-id {env_id!r}: use one of {', '.join(text_envs.GRID_ENVS)}, or a full "
+                         "MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-8x8-v0.") from None
+    u = env.unwrapped
+    env.close()
+    if not isinstance(u, MiniGridEnv):
+        raise SystemExit(f"--env-id {env_id} is not a grid env: VLM-CaR here runs on {', '.join(text_envs.GRID_ENVS)} "
+                         "or a full MiniGrid-* / BabyAI-* id.")
+    return u.width, u.height
+
+
+def check_args(args: Args) -> tuple[int, int]:
+    """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the grid size."""
+    kind = coder_kind(args.coder)
+    if args.reward_programs is None and kind is None:
+        raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
+    if args.reward_programs is None and kind == "openai" and not args.coder_base_url:
+        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
+                         "(e.g. http://localhost:8000/v1).")
+    if args.batch_size % args.num_minibatches:
+        raise SystemExit(
+            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
+            f"cannot be split into --num-minibatches {args.num_minibatches}: make the product a multiple of it."
+        )
+    if args.total_timesteps and args.num_iterations < 1:
+        raise SystemExit(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(--num-envs x --num-steps = {args.batch_size}): raise it, or pass 0 to write the programs only."
+        )
+    if min(args.num_expert, args.num_random, args.subtask_bonus, args.total_timesteps) < 0 or args.max_rounds < 1:
+        raise SystemExit("--num-expert, --num-random, --subtask-bonus and --total-timesteps must be >= 0 and "
+                         "--max-rounds >= 1.")
+    if args.reward_programs is None and args.num_expert < 1:
+        raise SystemExit("--num-expert must be >= 1 when the coder writes the programs: verification needs experts.")
+    if args.tile_size < 4 or args.checker_timeout <= 0 or args.checker_memory_mb < 256:
+        raise SystemExit("--tile-size must be >= 4 pixels, --checker-timeout > 0 seconds and --checker-memory-mb "
+                         ">= 256.")
+    return grid_size(args.env_id)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // args.batch_size
+    grid = check_args(args)
+    image_size = args.tile_size * max(grid)
+    full_env_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(1)  # the networks are tiny: on a CPU, more threads only wait for each other
+    torch.distributions.Distribution.set_default_validate_args(False)
+
+    # Stages 1 to 3: the reward programs, written by the coder or read back, and verified
+    key = "image" if args.checker_input == "frame" else "state"
+    verify_env = text_envs.make_env(args.env_id, image_size=image_size)
+    try:
+        expert = [collect_trajectory(verify_env, VERIFY_SEED + i, True, key) for i in range(args.num_expert)]
+    except (NotImplementedError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"--env-id {args.env_id} has no expert to verify the programs with ({error}).") from None
+    random_length = RANDOM_LENGTH * max([len(trajectory.frames) - 1 for trajectory in expert], default=100)
+    random_play = [collect_trajectory(verify_env, VERIFY_SEED + args.num_expert + i, False, key, random_length)
+                   for i in range(args.num_random)]
+    program_log: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        program_log.append(line)
+
+    try:
+        if args.reward_programs:
+            subtasks, programs = load_programs(args.reward_programs, full_env_id, args)
+            with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
+                verification = verify(sandbox, subtasks, expert, random_play, sandbox.load_errors)
+            log(f"--reward-programs {args.reward_programs}: {verification.summary}")
+            if not verification.accepted:
+                k, reason = next(iter(sorted(verification.failing.items())))
+                raise NoPrograms(f"The programs of --reward-programs {args.reward_programs} did not pass verification "
+                                 f"(sub-task {k + 1}, {subtasks[k]!r}: {reason})")
+        else:
+            try:
+                coder = build_coder(args, device)
+                subtasks, programs, verification = write_reward_programs(
+                    coder, verify_env, args, expert, random_play, grid, log
+                )
+            except CoderUnavailable as error:
+                raise SystemExit(f"The coder did not answer ({error}): check --coder-base-url, the model name and "
+                                 f"the API key in ${args.coder_api_key_env}.") from None
+    except NoPrograms as error:
+        if args.if_unverified == "exit":
+            raise SystemExit(f"{error}; pass --if-unverified sparse to train on the env's sparse reward alone, or try "
+                             "a stronger --coder or more --max-rounds.") from None
+        print(f"{error}; training on the env's sparse reward alone (--if-unverified sparse).", file=sys.stderr)
+        subtasks, programs = [], []
+    verify_env.close()
+    if programs:
+        save_programs(Path(f"runs/{run_name}/reward_programs"), full_env_id, args, subtasks, programs)
+        log(f"reward programs for {subtasks} saved to runs/{run_name}/reward_programs")
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    writer.add_text("reward_programs", "\n\n".join(["    " + line for line in program_log] + [
+        f"sub-task {k + 1}: {subtask}\n\n" + "\n".join("    " + line for line in program.splitlines())
+        for k, (subtask, program) in enumerate(zip(subtasks, programs))
+    ]))
+
+    # Stage 4: env setup, the programs in their worker
+    envs = make_envs(args, image_size, key if programs else None)
+    assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
+    sandbox = Sandbox(programs, args.checker_timeout, args.checker_memory_mb) if programs else None
+    dense = SubtaskRewards(sandbox, args.num_envs, args.subtask_bonus) if programs else None
+
+    agent = Agent(envs).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # ALGO Logic: Storage setup
+    state_shape = envs.single_observation_space["state"].shape
+    obs = torch.zeros((args.num_steps, args.num_envs) + state_shape).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    final_values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step = 0
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs["state"], dtype=torch.float32, device=device)
+    next_done = torch.zeros(args.num_envs).to(device)
+    start_time = time.time()
+
+    for iteration in range(1, args.num_iterations + 1):
+        # Annealing the rate if instructed to do so.
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            lrnow = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = lrnow
+
+        episode_returns, episode_successes, episode_subtasks, step_bonus = [], [], [], []
+        for step in range(0, args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            dones[step] = next_done
+
+            # ALGO LOGIC: action logic
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(next_obs)
+                values[step] = value.flatten()
+            actions[step] = action
+            logprobs[step] = logprob
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_done = np.logical_or(terminations, truncations)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            if dense is not None:
+                if dense.pending is not None:  # the previous step's frames, checked while the agent acted
+                    bonus, completed = dense.collect()
+                    rewards[step - 1] += torch.as_tensor(bonus, dtype=torch.float32, device=device)
+                    step_bonus.append(bonus.mean())
+                    episode_subtasks += completed
+                # stage 4: the programs read the frame this step produced (an ended episode's last one, not the reset)
+                frames = next_obs["frame"].copy()
+                for i in np.flatnonzero(next_done):
+                    frames[i] = infos["final_obs"][i]["frame"]
+                dense.submit(frames, next_done)
+            next_obs = torch.as_tensor(next_obs["state"], dtype=torch.float32, device=device)
+            next_done = torch.as_tensor(next_done, dtype=torch.float32, device=device)
+
+            final_values[step] = 0.0
+            truncated = truncations & ~terminations  # out of time, not done: the episode's value goes on
+            if truncated.any():
+                final_obs = np.stack([o["state"] for o in infos["final_obs"][truncated]])
+                with torch.no_grad():
+                    final_values[step, truncated] = agent.get_value(
+                        torch.as_tensor(final_obs, dtype=torch.float32, device=device)
+                    ).flatten()
+            for i in np.flatnonzero(infos.get("_final_info", [])):
+                episode = infos["final_info"]["episode"]
+                episode_returns.append(float(episode["r"][i]))
+                episode_successes.append(bool(infos["final_info"]["success"][i]))
+                writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+
+        if dense is not None:  # the rollout's last step: env reward + a bonus per sub-task completed in order
+            bonus, completed = dense.collect()
+            rewards[-1] += torch.as_tensor(bonus, dtype=torch.float32, device=device)
+            step_bonus.append(bonus.mean())
+            episode_subtasks += completed
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(next_obs).reshape(1, -1)
+            advantages, returns = compute_gae(
+                rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
+            )
+
+        # flatten the batch
+        b_obs = obs.reshape((-1,) + state_shape)
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+
+        # Optimizing the policy and value network
+        b_inds = np.arange(args.batch_size)
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
+                mb_inds = b_inds[start:end]
+
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions.long()[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds],
+                        -args.clip_coef,
+                        args.clip_coef,
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+                    v_loss = 0.5 * v_loss_max.mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        report = "no episode ended"
+        if episode_returns:
+            success_rate = float(np.mean(episode_successes))
+            writer.add_scalar("charts/success_rate", success_rate, global_step)
+            report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
+        if sandbox is not None:
+            writer.add_scalar("reward/bonus_per_step", float(np.mean(step_bonus)), global_step)
+            writer.add_scalar("reward/checker_errors", sandbox.errors, global_step)
+            writer.add_scalar("reward/checker_restarts", sandbox.restarts, global_step)
+            if episode_subtasks:
+                writer.add_scalar("reward/subtasks_completed", float(np.mean(episode_subtasks)), global_step)
+                report += f" subtasks_completed={np.mean(episode_subtasks):.2f}/{len(programs)}"
+            if sandbox.messages:
+                print(f"checker errors so far: {sandbox.errors}, last: {sandbox.messages[-1]}", flush=True)
+                sandbox.messages.clear()
+        print(
+            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True
+        )
+
+    if sandbox is not None:
+        sandbox.close()
+    envs.close()
+    writer.close()
