@@ -363,16 +363,29 @@ class MiniGridText(gym.Wrapper):
             gym.spaces.Box(0, 255, (*self.env.observation_space["image"].shape[:2], 5), np.uint8),
         )
         self._image: np.ndarray | None = None
+        self._last_frame: dict[str, Any] | None = None
 
     def _render(self) -> np.ndarray:
-        """The full grid drawn at the wanted size from MiniGrid's tile cache (no highlight, no resizing)."""
+        """The full grid drawn at the wanted size from MiniGrid's tile cache (no highlight, no resizing).
+
+        After the first frame of an episode only the cells that can have changed are drawn again: those whose
+        object was replaced or removed, the agent's old and new cells, and the cells it faced before and after
+        (the only place where an object changes in place: a door it opens or closes)."""
         u, t = self.env.unwrapped, self.tile
-        img = np.empty((u.height * t, u.width * t, 3), np.uint8)
-        ax, ay = u.agent_pos
-        for j in range(u.height):
-            for i in range(u.width):
-                agent_dir = u.agent_dir if (i == ax and j == ay) else None
+        objects, agent, front = list(u.grid.grid), (tuple(map(int, u.agent_pos)), int(u.agent_dir)), tuple(map(int, u.front_pos))
+        last = self._last_frame
+        if last is None or last["grid"] is not u.grid:  # a new episode: every cell
+            img = np.empty((u.height * t, u.width * t, 3), np.uint8)
+            cells = {(i, j) for j in range(u.height) for i in range(u.width)}
+        else:
+            img = last["image"].copy()
+            cells = {(k % u.width, k // u.width) for k, (a, b) in enumerate(zip(objects, last["objects"])) if a is not b}
+            cells |= {last["agent"][0], agent[0], last["front"], front}
+        for i, j in cells:
+            if 0 <= i < u.width and 0 <= j < u.height:
+                agent_dir = agent[1] if (i, j) == agent[0] else None
                 img[j * t:(j + 1) * t, i * t:(i + 1) * t] = Grid.render_tile(u.grid.get(i, j), agent_dir, False, t)
+        self._last_frame = {"grid": u.grid, "image": img, "objects": objects, "agent": agent, "front": front}
         return img
 
     def _obs(self, obs: dict[str, Any]) -> dict[str, Any]:
