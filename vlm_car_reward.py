@@ -4,7 +4,8 @@
 # random trajectories and regenerated with the failure report until they pass (stage 3); then PPO trains on the env
 # reward plus a bonus for each sub-task the first time it completes, in order, within an episode (stage 4). The VLM
 # runs only before training: every reward afterwards costs a program call, not a VLM query.
-# The PPO agent is ppo_cnn_baseline.py's on the "state" observation (no checkpoints, videos or evaluation here).
+# The PPO agent is ppo_cnn_baseline.py's on the "state" observation, with its checkpoints (--resume: the same envs,
+# the same programs and each env's sub-task progress) and its evaluation of the saved model (no videos here).
 # Generated code is hostile input: it is checked at load (`load_checker`) and runs only in a worker process with
 # restricted builtins, numpy and math behind allowlists, and OS limits (`Sandbox`).
 import ast
@@ -12,6 +13,7 @@ import base64
 import inspect
 import io
 import json
+import operator
 import os
 import pickle
 import random
@@ -27,9 +29,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import gymnasium as gym
 import huggingface_hub
@@ -47,6 +49,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
 
+ALGORITHM = "vlm_car_reward"
+# flags that fix the envs, the frames the programs read and the network: a checkpoint resumes only with the same values
+ENV_FLAGS = ("env_id", "checker_input", "tile_size", "num_envs")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
 VERIFY_SEED = 1_000_000  # verification layouts come from reset seeds far from the training seeds
@@ -57,6 +62,7 @@ RANDOM_LENGTH = 4
 MAX_SUBTASKS = 8
 MAX_PROGRAM_CHARS = 20_000
 CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
+STATE, FRAME = 0, 1  # the training envs' observation: (the agent's input, what the programs read)
 
 # What a program may use. The parent checks names and attributes at load; the worker gets only these objects.
 NUMPY_API = [
@@ -115,6 +121,14 @@ class Args:
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then evaluate the saved model"""
+    eval_episodes: int = 10
+    """the number of episodes of each evaluation of the saved model (greedy and sampled actions)"""
+    checkpoint_freq: int = 10
+    """save a checkpoint to `runs/{run_name}/checkpoint.pt` every this many iterations (0: never)"""
+    resume: str | None = None
+    """path of a checkpoint to continue from, with its reward programs (the env flags must be the checkpoint's)"""
 
     # Reward programs (stages 1 to 3)
     env_id: str = "DoorKey"
@@ -928,15 +942,16 @@ def load_programs(path: str, env_id: str, args: Args) -> tuple[list[str], list[s
 # Stage 4: PPO, ppo_cnn_baseline.py's agent on the "state" observation
 # ---------------------------------------------------------------------------------------------------------------------
 def make_env(env_id: str, seed: int, image_size: int, frames: str | None) -> Callable[[], gym.Env]:
-    """A thunk building one text_envs env whose observation is {"state": the agent's input, "frame": what the
-    programs read ("image" or "state"; none without programs)}."""
+    """A thunk building one text_envs env whose observation is the tuple (obs["state"], obs[frames]): the agent's
+    input and what the programs read ("image" or "state"; the state again without programs)."""
 
     def thunk() -> gym.Env:
         env = text_envs.make_env(env_id, seed=seed, image_size=image_size, with_image=frames == "image")
         env = gym.wrappers.RecordEpisodeStatistics(env)
         key = frames or "state"
-        space = gym.spaces.Dict({"state": env.observation_space["state"], "frame": env.observation_space[key]})
-        return gym.wrappers.TransformObservation(env, lambda obs: {"state": obs["state"], "frame": obs[key]}, space)
+        space = gym.spaces.Tuple((env.observation_space["state"], env.observation_space[key]))
+        # operator.itemgetter, not a lambda: the envs are pickled into checkpoints
+        return gym.wrappers.TransformObservation(env, operator.itemgetter("state", key), space)
 
     return thunk
 
@@ -961,7 +976,7 @@ class Agent(nn.Module):
 
     def __init__(self, envs: gym.vector.VectorEnv):
         super().__init__()
-        space = envs.single_observation_space["state"]
+        space = envs.single_observation_space[STATE]
         self.network = nn.Sequential(
             layer_init(nn.Conv2d(space.shape[2], 16, 2)),
             nn.ReLU(),
@@ -1072,9 +1087,10 @@ def grid_size(env_id: str) -> tuple[int, int]:
 def check_args(args: Args) -> tuple[int, int]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the grid size."""
     kind = coder_kind(args.coder)
-    if args.reward_programs is None and kind is None:
+    coder_writes = args.reward_programs is None and args.resume is None  # a resumed run has the checkpoint's programs
+    if coder_writes and kind is None:
         raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
-    if args.reward_programs is None and kind == "openai" and not args.coder_base_url:
+    if coder_writes and kind == "openai" and not args.coder_base_url:
         raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
                          "(e.g. http://localhost:8000/v1).")
     if args.batch_size % args.num_minibatches:
@@ -1090,12 +1106,80 @@ def check_args(args: Args) -> tuple[int, int]:
     if min(args.num_expert, args.num_random, args.subtask_bonus, args.total_timesteps) < 0 or args.max_rounds < 1:
         raise SystemExit("--num-expert, --num-random, --subtask-bonus and --total-timesteps must be >= 0 and "
                          "--max-rounds >= 1.")
-    if args.reward_programs is None and args.num_expert < 1:
+    if coder_writes and args.num_expert < 1:
         raise SystemExit("--num-expert must be >= 1 when the coder writes the programs: verification needs experts.")
     if args.tile_size < 4 or args.checker_timeout <= 0 or args.checker_memory_mb < 256:
         raise SystemExit("--tile-size must be >= 4 pixels, --checker-timeout > 0 seconds and --checker-memory-mb "
                          ">= 256.")
     return grid_size(args.env_id)
+
+
+def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
+    """Write the checkpoint atomically, so that a run killed while saving keeps its previous checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, Any]:
+    """Read a checkpoint of this script and check that it was made for the same envs as `args`."""
+    try:
+        # weights_only=False: a checkpoint holds the pickled envs and RNG states; load only your own files
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # any reason the file cannot be unpickled: missing, truncated, not torch's
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+    algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
+    if algorithm != ALGORITHM:
+        raise SystemExit(
+            f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from {algorithm or 'something else'}): "
+            "resume it with the script that wrote it."
+        )
+    for flag in ENV_FLAGS:
+        if checkpoint["args"][flag] != getattr(args, flag):
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(
+                f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not {getattr(args, flag)}: "
+                f"pass {name} {checkpoint['args'][flag]} to resume it."
+            )
+    return checkpoint
+
+
+def load_agent(model_path: str, device: torch.device) -> tuple[Agent, Args]:
+    """The agent saved by --save-model, and the args it was trained with."""
+    saved = torch.load(model_path, map_location=device, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("algorithm") != ALGORITHM:
+        raise SystemExit(f"{model_path} is not a model saved by {ALGORITHM} --save-model.")
+    saved_args = Args(**saved["args"])
+    envs = make_envs(saved_args, image_size=0, frames=None)  # the agent reads the state alone: no images
+    agent = Agent(envs).to(device)
+    envs.close()
+    agent.load_state_dict(saved["model"])
+    return agent, saved_args
+
+
+def evaluate(
+    model_path: str, eval_episodes: int, greedy: bool, device: torch.device
+) -> tuple[list[float], list[bool]]:
+    """Episodic returns (the env's reward, no sub-task bonus) and successes of the saved agent, split evenly over its
+    training envs, on layouts drawn from reset seeds that the training run did not use."""
+    agent, args = load_agent(model_path, device)
+    agent.eval()
+    envs = make_envs(args, image_size=0, frames=None)
+    quota = [eval_episodes // args.num_envs + (i < eval_episodes % args.num_envs) for i in range(args.num_envs)]
+    returns: list[list[float]] = [[] for _ in range(args.num_envs)]
+    successes: list[list[bool]] = [[] for _ in range(args.num_envs)]
+    obs, _ = envs.reset(seed=args.seed + args.num_envs)
+    while any(len(r) < q for r, q in zip(returns, quota)):
+        with torch.no_grad():
+            logits = agent.actor(agent.encode(torch.as_tensor(obs[STATE], dtype=torch.float32, device=device)))
+        action = logits.argmax(dim=1) if greedy else Categorical(logits=logits).sample()
+        obs, _, _, _, infos = envs.step(action.cpu().numpy())
+        for i in np.flatnonzero(infos.get("_final_info", [])):
+            if len(returns[i]) < quota[i]:
+                returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
+                successes[i].append(bool(infos["final_info"]["success"][i]))
+    envs.close()
+    all_returns = [r for env_returns in returns for r in env_returns]
+    return all_returns, [s for env_successes in successes for s in env_successes]
 
 
 if __name__ == "__main__":
@@ -1107,7 +1191,8 @@ if __name__ == "__main__":
     image_size = args.tile_size * max(grid)
     full_env_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1119,49 +1204,53 @@ if __name__ == "__main__":
 
     # Stages 1 to 3: the reward programs, written by the coder or read back, and verified
     key = "image" if args.checker_input == "frame" else "state"
-    verify_env = text_envs.make_env(args.env_id, image_size=image_size)
-    try:
-        expert = [collect_trajectory(verify_env, VERIFY_SEED + i, True, key) for i in range(args.num_expert)]
-    except (NotImplementedError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"--env-id {args.env_id} has no expert to verify the programs with ({error}).") from None
-    random_length = RANDOM_LENGTH * max([len(trajectory.frames) - 1 for trajectory in expert], default=100)
-    random_play = [collect_trajectory(verify_env, VERIFY_SEED + args.num_expert + i, False, key, random_length)
-                   for i in range(args.num_random)]
     program_log: list[str] = []
 
     def log(line: str) -> None:
         print(line, flush=True)
         program_log.append(line)
 
-    try:
-        if args.reward_programs:
-            subtasks, programs = load_programs(args.reward_programs, full_env_id, args)
-            with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
-                verification = verify(sandbox, subtasks, expert, random_play, sandbox.load_errors)
-            log(f"--reward-programs {args.reward_programs}: {verification.summary}")
-            if not verification.accepted:
-                k, reason = next(iter(sorted(verification.failing.items())))
-                raise NoPrograms(f"The programs of --reward-programs {args.reward_programs} did not pass verification "
-                                 f"(sub-task {k + 1}, {subtasks[k]!r}: {reason})")
-        else:
-            try:
-                coder = build_coder(args, device)
-                subtasks, programs, verification = write_reward_programs(
-                    coder, verify_env, args, expert, random_play, grid, log
-                )
-            except CoderUnavailable as error:
-                raise SystemExit(f"The coder did not answer ({error}): check --coder-base-url, the model name and "
-                                 f"the API key in ${args.coder_api_key_env}.") from None
-    except NoPrograms as error:
-        if args.if_unverified == "exit":
-            raise SystemExit(f"{error}; pass --if-unverified sparse to train on the env's sparse reward alone, or try "
-                             "a stronger --coder or more --max-rounds.") from None
-        print(f"{error}; training on the env's sparse reward alone (--if-unverified sparse).", file=sys.stderr)
-        subtasks, programs = [], []
-    verify_env.close()
-    if programs:
-        save_programs(Path(f"runs/{run_name}/reward_programs"), full_env_id, args, subtasks, programs)
-        log(f"reward programs for {subtasks} saved to runs/{run_name}/reward_programs")
+    if checkpoint:  # a resumed run goes on with the checkpoint's programs, already verified and saved
+        subtasks, programs = checkpoint["subtasks"], checkpoint["programs"]
+        log(f"--resume {args.resume}: the checkpoint's programs for {subtasks or 'no sub-tasks (sparse reward)'}")
+    else:
+        verify_env = text_envs.make_env(args.env_id, image_size=image_size)
+        try:
+            expert = [collect_trajectory(verify_env, VERIFY_SEED + i, True, key) for i in range(args.num_expert)]
+        except (NotImplementedError, ValueError, RuntimeError) as error:
+            raise SystemExit(f"--env-id {args.env_id} has no expert to verify the programs with ({error}).") from None
+        random_length = RANDOM_LENGTH * max([len(trajectory.frames) - 1 for trajectory in expert], default=100)
+        random_play = [collect_trajectory(verify_env, VERIFY_SEED + args.num_expert + i, False, key, random_length)
+                       for i in range(args.num_random)]
+        try:
+            if args.reward_programs:
+                subtasks, programs = load_programs(args.reward_programs, full_env_id, args)
+                with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
+                    verification = verify(sandbox, subtasks, expert, random_play, sandbox.load_errors)
+                log(f"--reward-programs {args.reward_programs}: {verification.summary}")
+                if not verification.accepted:
+                    k, reason = next(iter(sorted(verification.failing.items())))
+                    raise NoPrograms(f"The programs of --reward-programs {args.reward_programs} did not pass "
+                                     f"verification (sub-task {k + 1}, {subtasks[k]!r}: {reason})")
+            else:
+                try:
+                    coder = build_coder(args, device)
+                    subtasks, programs, verification = write_reward_programs(
+                        coder, verify_env, args, expert, random_play, grid, log
+                    )
+                except CoderUnavailable as error:
+                    raise SystemExit(f"The coder did not answer ({error}): check --coder-base-url, the model name and "
+                                     f"the API key in ${args.coder_api_key_env}.") from None
+        except NoPrograms as error:
+            if args.if_unverified == "exit":
+                raise SystemExit(f"{error}; pass --if-unverified sparse to train on the env's sparse reward alone, or "
+                                 "try a stronger --coder or more --max-rounds.") from None
+            print(f"{error}; training on the env's sparse reward alone (--if-unverified sparse).", file=sys.stderr)
+            subtasks, programs = [], []
+        verify_env.close()
+        if programs:
+            save_programs(Path(f"runs/{run_name}/reward_programs"), full_env_id, args, subtasks, programs)
+            log(f"reward programs for {subtasks} saved to runs/{run_name}/reward_programs")
 
     if args.track:
         try:
@@ -1178,7 +1267,8 @@ if __name__ == "__main__":
             monitor_gym=True,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
+    # purge_step: on resume, TensorBoard drops what the killed run logged after its checkpoint (at later steps)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -1188,8 +1278,14 @@ if __name__ == "__main__":
         for k, (subtask, program) in enumerate(zip(subtasks, programs))
     ]))
 
-    # Stage 4: env setup, the programs in their worker
-    envs = make_envs(args, image_size, key if programs else None)
+    # Stage 4: env setup, the programs in a worker of their own (a resumed run continues the checkpoint's envs
+    # mid-episode, RNGs included, in a new worker: a process cannot be pickled)
+    if checkpoint:
+        envs = gym.vector.SyncVectorEnv(
+            [lambda env=env: env for env in checkpoint["envs"]], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
+    else:
+        envs = make_envs(args, image_size, key if programs else None)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     sandbox = Sandbox(programs, args.checker_timeout, args.checker_memory_mb) if programs else None
     dense = SubtaskRewards(sandbox, args.num_envs, args.subtask_bonus) if programs else None
@@ -1198,7 +1294,7 @@ if __name__ == "__main__":
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
     # ALGO Logic: Storage setup
-    state_shape = envs.single_observation_space["state"].shape
+    state_shape = envs.single_observation_space[STATE].shape
     obs = torch.zeros((args.num_steps, args.num_envs) + state_shape).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -1208,13 +1304,28 @@ if __name__ == "__main__":
     final_values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
     # TRY NOT TO MODIFY: start the game
-    global_step = 0
-    next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs["state"], dtype=torch.float32, device=device)
-    next_done = torch.zeros(args.num_envs).to(device)
-    start_time = time.time()
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        next_obs, next_done = checkpoint["next_obs"].to(device), checkpoint["next_done"].to(device)
+        if dense is not None:  # each env's sub-tasks completed so far in its episode, and the worker's counters
+            dense.progress[:] = checkpoint["subtask_progress"]
+            sandbox.errors, sandbox.restarts = checkpoint["checker_errors"], checkpoint["checker_restarts"]
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step={global_step}", flush=True)
+    else:
+        global_step, start_iteration = 0, 1
+        next_obs, _ = envs.reset(seed=args.seed)
+        next_obs = torch.as_tensor(next_obs[STATE], dtype=torch.float32, device=device)
+        next_done = torch.zeros(args.num_envs).to(device)
+    start_time, start_step = time.time(), global_step
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -1245,17 +1356,17 @@ if __name__ == "__main__":
                     step_bonus.append(bonus.mean())
                     episode_subtasks += completed
                 # stage 4: the programs read the frame this step produced (an ended episode's last one, not the reset)
-                frames = next_obs["frame"].copy()
+                frames = next_obs[FRAME].copy()
                 for i in np.flatnonzero(next_done):
-                    frames[i] = infos["final_obs"][i]["frame"]
+                    frames[i] = infos["final_obs"][i][FRAME]
                 dense.submit(frames, next_done)
-            next_obs = torch.as_tensor(next_obs["state"], dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs[STATE], dtype=torch.float32, device=device)
             next_done = torch.as_tensor(next_done, dtype=torch.float32, device=device)
 
             final_values[step] = 0.0
             truncated = truncations & ~terminations  # out of time, not done: the episode's value goes on
             if truncated.any():
-                final_obs = np.stack([o["state"] for o in infos["final_obs"][truncated]])
+                final_obs = np.stack([o[STATE] for o in infos["final_obs"][truncated]])
                 with torch.no_grad():
                     final_values[step, truncated] = agent.get_value(
                         torch.as_tensor(final_obs, dtype=torch.float32, device=device)
@@ -1347,7 +1458,7 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -1375,6 +1486,49 @@ if __name__ == "__main__":
         print(
             f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True
         )
+
+        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+            save_checkpoint(
+                f"runs/{run_name}/checkpoint.pt",
+                {
+                    "algorithm": ALGORITHM,
+                    "args": asdict(args),
+                    "run_name": run_name,
+                    "iteration": iteration,
+                    "global_step": global_step,
+                    "agent": agent.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "envs": envs.envs,
+                    "next_obs": next_obs,
+                    "next_done": next_done,
+                    # the programs themselves, not their folder: a resumed run needs neither the coder nor the folder
+                    "subtasks": subtasks,
+                    "programs": programs,
+                    "subtask_progress": dense.progress.copy() if dense is not None else None,
+                    "checker_errors": sandbox.errors if sandbox is not None else 0,
+                    "checker_restarts": sandbox.restarts if sandbox is not None else 0,
+                    "rng": {
+                        "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    },
+                },
+            )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"algorithm": ALGORITHM, "args": asdict(args), "model": agent.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+        if args.eval_episodes > 0:
+            for mode in ("greedy", "sampled"):
+                episodic_returns, successes = evaluate(model_path, args.eval_episodes, mode == "greedy", device)
+                writer.add_scalar(f"eval/{mode}_episodic_return", np.mean(episodic_returns), global_step)
+                writer.add_scalar(f"eval/{mode}_success_rate", np.mean(successes), global_step)
+                print(
+                    f"eval {mode}: episodic_return={np.mean(episodic_returns):.3f} "
+                    f"success_rate={np.mean(successes):.2f} over {len(successes)} episodes"
+                )
 
     if sandbox is not None:
         sandbox.close()

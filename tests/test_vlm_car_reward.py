@@ -1,13 +1,18 @@
-"""vlm_car_reward: hostile programs, verification, extract_code, runs with --reward-programs, the coder paths."""
+"""vlm_car_reward: hostile programs, verification, extract_code, runs with --reward-programs, the coder paths,
+kill and resume."""
 
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from openai_server import OpenAIServer
-from script_helpers import exit_message, run_as_main, scalar_tags
+from script_helpers import SUBPROCESS_ENV, exit_message, run_as_main, scalar_tags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import text_envs
@@ -357,3 +362,71 @@ def test_dense_reward_counts_each_subtask_once_in_order():
         bonus, completed = dense.collect()
         assert bonus.tolist() == [0.0, 0.0, 0.0] and completed == [2]
         assert dense.progress.tolist() == [0, 2, 1]
+
+
+# DoorKey-8x8 with the reference programs, unverified: 8 iterations of 128 steps, a checkpoint every 2
+RESUMABLE = ["--env-id", DOORKEY8, "--reward-programs", str(REFERENCE / "DoorKey-8x8"), "--num-expert", "0",
+             "--num-random", "0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
+             "--total-timesteps", "1024", "--checkpoint-freq", "2", "--save-model", "--eval-episodes", "2",
+             "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """The run folder of an uninterrupted RESUMABLE run."""
+    cwd = tmp_path_factory.mktemp("full")
+    done = subprocess.run([sys.executable, SCRIPT, *RESUMABLE], cwd=cwd, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "eval greedy:" in done.stdout and "eval sampled:" in done.stdout
+    (run,) = (cwd / "runs").iterdir()
+    return run
+
+
+def test_killed_run_resumes_where_it_stopped(full_run, tmp_path, monkeypatch, capsys):
+    process = subprocess.Popen([sys.executable, SCRIPT, *RESUMABLE], cwd=tmp_path, env=SUBPROCESS_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/checkpoint.pt")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    (checkpoint,) = tmp_path.glob("runs/*/checkpoint.pt")
+    saved = torch.load(checkpoint, weights_only=False)
+    stopped_at = saved["global_step"]
+    assert 0 < stopped_at < 1024 and len(saved["programs"]) == 3 and saved["subtask_progress"].shape == (2,)
+
+    # the programs come from the checkpoint: no folder, no coder, no verification; a new worker runs them
+    argv = [flag for flag in RESUMABLE if flag not in ("--reward-programs", str(REFERENCE / "DoorKey-8x8"))]
+    run_as_main(SCRIPT, monkeypatch, tmp_path, *argv, "--resume", str(checkpoint))
+    out = capsys.readouterr().out
+    assert f"global_step={stopped_at}" in out.splitlines()[1] and "the checkpoint's programs" in out.splitlines()[0]
+    assert "iteration 8/8 global_step=1024" in out and "eval greedy:" in out
+    resumed, full = torch.load(checkpoint, weights_only=False), torch.load(full_run / "checkpoint.pt",
+                                                                           weights_only=False)
+    assert resumed["global_step"] == 1024
+    # envs, sub-task progress and RNGs come back from the checkpoint: the resumed run ends where the full one does
+    assert resumed["subtask_progress"].tolist() == full["subtask_progress"].tolist()
+    (run,) = (tmp_path / "runs").iterdir()
+    (model_path,) = run.glob("*.cleanrl_model")
+    agent, args = car.load_agent(str(model_path), torch.device("cpu"))
+    assert args.env_id == DOORKEY8 and args.num_envs == 2
+    reference, _ = car.load_agent(str(next(full_run.glob("*.cleanrl_model"))), torch.device("cpu"))
+    for (name, value), expected in zip(agent.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("content, argv, expected", [
+    ({"algorithm": "ppo_cnn_baseline", "args": {}}, [],
+     r"^--resume .*other\.pt is not a vlm_car_reward checkpoint \(it comes from ppo_cnn_baseline\): resume it with"),
+    ("full run", ["--env-id", "DoorKey"], (r"^--resume .*checkpoint\.pt was trained with --env-id "
+     r"MiniGrid-DoorKey-8x8-v0, not DoorKey: pass --env-id MiniGrid-DoorKey-8x8-v0 to resume it\.$")),
+])
+def test_resume_of_another_checkpoint_is_one_sentence(content, argv, expected, full_run, tmp_path, monkeypatch):
+    path = full_run / "checkpoint.pt"
+    if content != "full run":
+        path = tmp_path / "other.pt"
+        torch.save(content, path)
+    message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv, "--resume", str(path), "--num-envs", "2")
+    assert re.search(expected, message), message
+    assert not (tmp_path / "runs").exists()
