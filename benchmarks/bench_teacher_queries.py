@@ -26,8 +26,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import ppo_lvlm2p_distill as lvlm2p
-import text_envs
+import lvlm2p_teachers as teachers  # noqa: E402
+import ppo_lvlm2p_distill as lvlm2p  # noqa: E402
+import text_envs  # noqa: E402
 
 REFERENCE_SETTINGS = ["--num-envs", "3", "--num-steps", "128", "--update-epochs", "4", "--num-minibatches", "2"]
 
@@ -53,13 +54,13 @@ def teacher_success(env_id: str, noise: float, episodes: int, seed: int = 0,
     """(success rate, mean return) of the scripted teacher acting greedily on its own distributions."""
     env = text_envs.make_env(env_id, seed=seed, with_image=False)
     n_actions = env.action_space.n
-    teacher = lvlm2p.ExpertTeacher(n_actions, temperature, noise, seed)
+    teacher = teachers.ExpertTeacher(n_actions, temperature, noise, seed)
     successes, returns = [], []
     for episode in range(episodes):
         env.reset(seed=seed + episode)
         done, total = False, 0.0
         while not done:
-            (probs,) = teacher([lvlm2p.Frame(np.zeros(0, np.uint8), "", text_envs.expert_action(env))])
+            (probs,) = teacher([teachers.Frame(np.zeros(0, np.uint8), "", text_envs.expert_action(env))])
             _, reward, terminated, truncated, info = env.step(int(np.argmax(probs)))
             total += reward
             done = terminated or truncated

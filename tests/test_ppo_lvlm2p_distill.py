@@ -17,6 +17,7 @@ from script_helpers import exit_message, run_as_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import lvlm2p_teachers as teachers
 import ppo_lvlm2p_distill as lvlm2p
 import text_envs
 from benchmarks.bench_teacher_queries import teacher_success
@@ -99,7 +100,7 @@ def test_distill_loss_hard_targets_and_missing_teachers():
     ("", None),
 ])
 def test_parse_teacher_probs(text, expected):
-    parsed = lvlm2p.parse_teacher_probs(text, 3)
+    parsed = teachers.parse_teacher_probs(text, 3)
     if expected is None:
         assert parsed is None
     else:
@@ -118,15 +119,15 @@ class CountingTeacher:
 
     def __call__(self, frames):
         if self.down:
-            raise lvlm2p.TeacherUnavailable("down")
+            raise teachers.TeacherUnavailable("down")
         self.asked += [int(f.image[0, 0, 0]) for f in frames]
         return [None if int(f.image[0, 0, 0]) in self.no_answer else np.eye(N_ACTIONS)[int(f.image[0, 0, 0]) % N_ACTIONS]
                 for f in frames]
 
 
-def frames_of(pixels: list[int], mission: str = "go") -> tuple[list[lvlm2p.Frame], list[bytes]]:
+def frames_of(pixels: list[int], mission: str = "go") -> tuple[list[teachers.Frame], list[bytes]]:
     """Frames whose image is filled with each pixel value, and their cache keys."""
-    frames = [lvlm2p.Frame(np.full((4, 4, 3), p, np.uint8), mission, -1) for p in pixels]
+    frames = [teachers.Frame(np.full((4, 4, 3), p, np.uint8), mission, -1) for p in pixels]
     return frames, [lvlm2p.frame_key(f.image, f.mission) for f in frames]
 
 
@@ -167,11 +168,11 @@ def test_server_failures_train_without_kl_and_are_asked_again():
 
 
 def test_expert_teacher_softened_and_corrupted():
-    frame = lvlm2p.Frame(np.zeros(0, np.uint8), "", 2)
-    (probs,) = lvlm2p.ExpertTeacher(N_ACTIONS, temperature=0.5, noise=0.0, seed=0)([frame])
+    frame = teachers.Frame(np.zeros(0, np.uint8), "", 2)
+    (probs,) = teachers.ExpertTeacher(N_ACTIONS, temperature=0.5, noise=0.0, seed=0)([frame])
     assert probs[2] == pytest.approx(math.exp(2) / (math.exp(2) + N_ACTIONS - 1))
     assert np.allclose(np.delete(probs, 2), 1 / (math.exp(2) + N_ACTIONS - 1))
-    noisy = lvlm2p.ExpertTeacher(N_ACTIONS, temperature=0.5, noise=0.5, seed=0)([frame] * 2000)
+    noisy = teachers.ExpertTeacher(N_ACTIONS, temperature=0.5, noise=0.5, seed=0)([frame] * 2000)
     kept = np.mean([p.argmax() == 2 for p in noisy])
     assert kept == pytest.approx(0.5 + 0.5 / N_ACTIONS, abs=0.03)  # a random replacement may pick 2 again
 
@@ -185,25 +186,25 @@ def test_expert_teacher_success_rate_on_its_own():
 # --- local VLM teachers ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def frame() -> lvlm2p.Frame:
+def frame() -> teachers.Frame:
     """A LavaGap frame as the teacher sees it."""
     env = text_envs.make_env("LavaGap", seed=0, image_size=32)
     obs, _ = env.reset()
-    return lvlm2p.Frame(obs["image"], obs["mission"], text_envs.expert_action(env))
+    return teachers.Frame(obs["image"], obs["mission"], text_envs.expert_action(env))
 
 
 def test_likelihood_teacher_is_softmax_of_mean_action_log_likelihoods(tiny_smolvlm_path, frame):
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval()
     processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
     names = text_envs.PRIMITIVE_ACTION_NAMES
-    teacher = lvlm2p.HFTeacher(model, processor, names, "likelihood", "", 8)
+    teacher = teachers.HFTeacher(model, processor, names, "likelihood", "", 8)
     (probs,) = teacher([frame])
 
-    prompt = teacher.chat([lvlm2p.LIKELIHOOD_PROMPT.format(mission=frame.mission)])
+    prompt = teacher.chat([teachers.LIKELIHOOD_PROMPT.format(mission=frame.mission)])
     enc = processor(text=[prompt], images=[[frame.image]], return_tensors="pt")
     scores = []
     for name in names:  # one unpadded forward per action, by hand
-        ids = processor.tokenizer(lvlm2p.ACTION_TEMPLATE.format(action=name), add_special_tokens=False)["input_ids"]
+        ids = processor.tokenizer(teachers.ACTION_TEMPLATE.format(action=name), add_special_tokens=False)["input_ids"]
         input_ids = torch.cat([enc["input_ids"], torch.tensor([ids])], dim=1)
         pixels = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         with torch.no_grad():
@@ -216,7 +217,7 @@ def test_likelihood_teacher_is_softmax_of_mean_action_log_likelihoods(tiny_smolv
 def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval()
     processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
-    teacher = lvlm2p.HFTeacher(model, processor, text_envs.PRIMITIVE_ACTION_NAMES, "generate", "EXAMPLES\n\n", 6)
+    teacher = teachers.HFTeacher(model, processor, text_envs.PRIMITIVE_ACTION_NAMES, "generate", "EXAMPLES\n\n", 6)
     prompts = []
     replies = iter(["the agent is at row 2", "so [0, 0, 1, 0, 0, 0, 0]"])
 
@@ -238,9 +239,9 @@ def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
 
 # --- the openai: backend against a real HTTP server -----------------------------------------------------------------
 
-def openai_teacher(server: OpenAIServer, **kwargs) -> lvlm2p.OpenAITeacher:
+def openai_teacher(server: OpenAIServer, **kwargs) -> teachers.OpenAITeacher:
     options = {"timeout": 5.0, "retries": 2, "backoff": 0.01, "concurrency": 4, **kwargs}
-    return lvlm2p.OpenAITeacher("test-vlm", server.base_url, SECRET, text_envs.PRIMITIVE_ACTION_NAMES, "", 16,
+    return teachers.OpenAITeacher("test-vlm", server.base_url, SECRET, text_envs.PRIMITIVE_ACTION_NAMES, "", 16,
                                 **options)
 
 
