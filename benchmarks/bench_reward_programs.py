@@ -1,25 +1,35 @@
 """Training steps per second of vlm_car_reward with dense reward programs next to the sparse reward, same env and agent.
 
     python benchmarks/bench_reward_programs.py [--total-timesteps 20480] [--num-envs 4 16] [--repeats 2]
+    python benchmarks/bench_reward_programs.py --submit     # the worker's pipe: Linux's default size vs ours
 
 Dense: vlm_car_reward.py with the committed reference programs (the frame rendered at 8-pixel tiles in every step,
 the next sub-task's program of every env run in the sandbox worker, one worker call per vector step). Sparse:
 ppo_cnn_baseline.py --obs state, the same agent, PPO and flags without frames or programs. The two run one after
 the other, alternating, `--repeats` times each on one CPU thread; the SPS is the one each script reports at its
 last iteration (startup and verification excluded, as in CleanRL). Goal: dense / sparse >= 0.7.
+
+--submit times `Sandbox.submit` for a vector step of 16 UnlockPickup frames (random play, 8-pixel tiles) with the
+pipe to the worker at Linux's default 64 KiB and at car_sandbox.PIPE_BYTES, the agent's work stood in for by a 10 ms
+sleep, and the worker's time per frame.
 """
 
 import argparse
+import fcntl
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import car_sandbox  # noqa: E402
+import text_envs  # noqa: E402
 ENVS = {"MiniGrid-DoorKey-8x8-v0": "DoorKey-8x8", "MiniGrid-UnlockPickup-v0": "UnlockPickup"}
 
 
@@ -31,13 +41,45 @@ def training_sps(script: str, flags: list[str]) -> float:
     return float(re.findall(r"SPS=(\d+)", done.stdout)[-1])
 
 
+def submit_times(steps: int = 300, num_envs: int = 16) -> None:
+    """Median `submit` time per vector step with the default and the enlarged pipe, and the worker's time per frame."""
+    programs = [(ROOT / "reference_programs" / "UnlockPickup" / f"subtask_{k}.py").read_text() for k in (1, 2, 3)]
+    env = text_envs.make_env("MiniGrid-UnlockPickup-v0", seed=0, image_size=88, with_image=True)  # 8-pixel tiles
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    frames = [env.step(int(rng.integers(env.action_space.n)))[0]["image"][None] for _ in range(400)]
+    print(f"{'pipe':>10}{'submit ms (median)':>20}{'submit ms (mean)':>18}")
+    for pipe_bytes in (1 << 16, car_sandbox.PIPE_BYTES):
+        with car_sandbox.Sandbox(programs) as sandbox:
+            fcntl.fcntl(sandbox.process.stdin.fileno(), fcntl.F_SETPIPE_SZ, pipe_bytes)
+            times = []
+            for i in range(steps):
+                batch = [frames[(i * num_envs + j) % len(frames)] for j in range(num_envs)]
+                start = time.perf_counter()
+                sandbox.submit([0] * num_envs, batch)
+                times.append(time.perf_counter() - start)
+                time.sleep(0.01)  # the agent acts and the envs step
+                sandbox.collect()
+        print(f"{pipe_bytes >> 10:>7} KiB{np.median(times) * 1e3:>20.2f}{np.mean(times) * 1e3:>18.2f}")
+    with car_sandbox.Sandbox(programs) as sandbox:
+        start = time.perf_counter()
+        for i in range(20):
+            sandbox.advance([0] * num_envs, [frames[(i * num_envs + j) % len(frames)] for j in range(num_envs)])
+    print(f"worker: {(time.perf_counter() - start) / (20 * num_envs) * 1e3:.2f} ms per frame (sub-task 1's program, "
+          "round trip included)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--total-timesteps", type=int, default=20480, help="env steps of each measurement")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--env-ids", nargs="+", default=list(ENVS), choices=list(ENVS))
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each script, alternating")
+    parser.add_argument("--submit", action="store_true", help="time the worker's pipe instead of training runs")
     args = parser.parse_args()
+    if args.submit:
+        submit_times()
+        sys.exit()
     print(f"{'env':<26}{'envs':>5}{'sparse SPS':>12}{'dense SPS':>11}{'ratio':>7}")
     for env_id in args.env_ids:
         for num_envs in args.num_envs:
