@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 WINDOW, MIN_EPISODES, TARGETS = 4096, 10, (0.5, 0.9)
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127)]
 
 
 def episode_returns(run: pathlib.Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -53,8 +54,9 @@ def steps_to_target(steps: np.ndarray, returns: np.ndarray, target: float) -> in
 def draw(panels: dict, path: pathlib.Path) -> None:
     """One panel per (env, algo) with a line per setting: trailing return (mean over seeds) against env steps."""
     width, height, margin = 520, 340, 56
+    legend = 14 * max(len(settings) for settings in panels.values())  # the names go under the axes
     font = ImageFont.load_default()
-    image = Image.new("RGB", (width * len(panels), height), "white")
+    image = Image.new("RGB", (width * len(panels), height + legend), "white")
     draw = ImageDraw.Draw(image)
     for p, ((env_id, algo), settings) in enumerate(sorted(panels.items())):
         x0, x1, y0, y1 = p * width + margin, (p + 1) * width - 16, height - margin + 8, 28
@@ -80,7 +82,7 @@ def draw(panels: dict, path: pathlib.Path) -> None:
             points = [(to_x(s), to_y(r)) for s, r in zip(grid, curve) if not math.isnan(r)]
             if len(points) > 1:
                 draw.line(points, fill=color, width=2)
-            draw.text((x0 + 8, y1 + 6 + 13 * c), name, fill=color, font=font)
+            draw.text((x0, height - 2 + 14 * c), name, fill=color, font=font)
     image.save(path)
 
 
