@@ -6,7 +6,8 @@ RUNS_DIR holds the runs' TensorBoard folders (`{env_id}__{exp_name}__{seed}__{ti
 the dense reward, ppo_cnn_baseline the sparse one. An episode is a success when its env return (`charts/
 episodic_return`, the env's reward without the sub-task bonus) is positive, as on every MiniGrid key / door task. The
 success at step s is the share of successes among the episodes that ended in the WINDOW env steps up to s (at least
-MIN_EPISODES of them); a seed's *steps to 0.9* is the first episode end where it reaches 0.9. The plot (drawn with
+MIN_EPISODES of them); a seed's *steps to 0.9* is the first episode end where it reaches 0.9 (*steps to 0.5*: 0.5,
+for runs that do not get to 0.9). The plot (drawn with
 Pillow) shows that trailing success, averaged over the seeds, against env steps: one panel per env.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-WINDOW, MIN_EPISODES, TARGET = 10_000, 10, 0.9
+WINDOW, MIN_EPISODES, TARGETS = 10_000, 10, (0.5, 0.9)
 NAMES = {"vlm_car_reward": "dense (reference programs)", "ppo_cnn_baseline": "sparse (env reward)"}
 COLORS = {"vlm_car_reward": (214, 39, 40), "ppo_cnn_baseline": (31, 119, 180)}
 
@@ -43,11 +44,11 @@ def trailing_success(steps: np.ndarray, successes: np.ndarray, grid: np.ndarray)
     return out
 
 
-def steps_to_target(steps: np.ndarray, successes: np.ndarray) -> int | None:
-    """The first episode-end step at which the trailing success reaches TARGET, or None."""
+def steps_to_target(steps: np.ndarray, successes: np.ndarray, target: float) -> int | None:
+    """The first episode-end step at which the trailing success reaches `target`, or None."""
     for s in steps:
         window = successes[(steps > s - WINDOW) & (steps <= s)]
-        if len(window) >= MIN_EPISODES and window.mean() >= TARGET:
+        if len(window) >= MIN_EPISODES and window.mean() >= target:
             return int(s)
     return None
 
@@ -56,7 +57,7 @@ def draw(panels: dict, path: pathlib.Path) -> None:
     """One panel per env with a line per reward: trailing success (mean over seeds) against env steps."""
     width, height, margin = 520, 340, 56
     font = ImageFont.load_default()
-    image = Image.new("RGB", (width * len(panels), height), "white")
+    image = Image.new("RGB", (width * len(panels), height + 28), "white")  # the names go under the axes
     draw = ImageDraw.Draw(image)
     for p, (env_id, settings) in enumerate(sorted(panels.items())):
         x0, x1, y0, y1 = p * width + margin, (p + 1) * width - 16, height - margin + 8, 28
@@ -70,8 +71,8 @@ def draw(panels: dict, path: pathlib.Path) -> None:
 
         draw.rectangle([x0, y1, x1, y0], outline="black")
         draw.text((x0, 8), f"{env_id}: success rate, mean over seeds", fill="black", font=font)
-        for r in (0.0, 0.5, TARGET, 1.0):
-            draw.line([x0, to_y(r), x1, to_y(r)], fill=(200, 200, 200) if r != TARGET else (120, 120, 120))
+        for r in (0.0, *TARGETS, 1.0):
+            draw.line([x0, to_y(r), x1, to_y(r)], fill=(120, 120, 120) if r in TARGETS else (200, 200, 200))
             draw.text((x0 - 28, to_y(r) - 6), f"{r:.1f}", fill="black", font=font)
         for k in range(6):
             s = max_step * k / 5
@@ -81,7 +82,7 @@ def draw(panels: dict, path: pathlib.Path) -> None:
             points = [(to_x(s), to_y(r)) for s, r in zip(grid, curve) if not math.isnan(r)]
             if len(points) > 1:
                 draw.line(points, fill=COLORS[exp_name], width=2)
-            draw.text((x0 + 8, y1 + 6 + 13 * c), NAMES[exp_name], fill=COLORS[exp_name], font=font)
+            draw.text((x0, height - 2 + 14 * c), NAMES[exp_name], fill=COLORS[exp_name], font=font)
     image.save(path)
 
 
@@ -95,19 +96,21 @@ if __name__ == "__main__":
         env_id, exp_name, seed, _ = run.name.split("__")
         seeds[env_id, exp_name].append((int(seed), *episode_successes(run)))
 
-    print("| env | reward | seeds | steps | steps to 0.9 (per seed) | mean | final success |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| env | reward | seeds | steps | steps to 0.5 (per seed) | steps to 0.9 (per seed) | final success (per seed) "
+          "| successful episodes (per seed) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     panels: dict = collections.defaultdict(dict)
     for (env_id, exp_name), runs in sorted(seeds.items()):
-        reached = [steps_to_target(steps, successes) for _, steps, successes, _ in runs]
         last = min(end for *_, end in runs)
         grid = np.arange(WINDOW // 2, last + 1, 2048)
         curves = [trailing_success(steps, successes, grid) for _, steps, successes, _ in runs]
         finals = [c[~np.isnan(c)][-1] for c in curves if (~np.isnan(c)).any()]
-        mean = f"{np.mean(reached) / 1000:.0f}k" if all(r is not None for r in reached) else "-"
+        reached = [", ".join("-" if r is None else f"{r / 1000:.0f}k"
+                             for r in (steps_to_target(steps, successes, target) for _, steps, successes, _ in runs))
+                   for target in TARGETS]
         print(f"| {env_id} | {NAMES[exp_name]} | {', '.join(str(s) for s, *_ in runs)} | {last // 1000}k | "
-              f"{', '.join('-' if r is None else f'{r / 1000:.0f}k' for r in reached)} | {mean} | "
-              f"{np.mean(finals):.2f} ({', '.join(f'{f:.2f}' for f in finals)}) |")
+              f"{' | '.join(reached)} | {np.mean(finals):.2f} ({', '.join(f'{f:.2f}' for f in finals)}) | "
+              f"{', '.join(str(int(successes.sum())) for _, _, successes, _ in runs)} |")
         panels[env_id][exp_name] = (grid, np.nanmean(np.vstack(curves), axis=0))
     draw(panels, args.out)
     print(f"plot written to {args.out}")
