@@ -292,7 +292,7 @@ class Sandbox:
         )
         try:  # room for a whole batch of frames in the pipe, so that `submit` returns without waiting for the worker
             fcntl.fcntl(self.process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still works, with waits
+        except (AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size: the default works, with waits
             pass
         config = {"numpy": NUMPY_API, "math": MATH_API, "builtins": SAFE_BUILTINS, "time_limit": self.time_limit,
                   "memory_bytes": self.memory_mb << 20}

@@ -1,6 +1,8 @@
 """vlm_car_reward: hostile programs, verification, extract_code, runs with --reward-programs, the coder paths,
 kill and resume."""
 
+import fcntl
+import pickle
 import re
 import signal
 import subprocess
@@ -120,6 +122,19 @@ def test_hostile_programs_at_run_are_not_done_and_the_trainer_is_unharmed(tmp_pa
     np.testing.assert_array_equal(seen, before)  # the trainer's frames did not change
     assert list(tmp_path.iterdir()) == []  # no file appeared
     assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_a_vector_step_of_frames_fits_in_the_pipe_and_comes_back_right():
+    """16 UnlockPickup frames at 8-pixel tiles (about 200 KiB pickled) fit in the pipe to the worker, so `submit`
+    need not wait for the worker to read them; the answers to such a batch are each frame's own."""
+    env = text_envs.make_env("MiniGrid-UnlockPickup-v0", seed=0, image_size=88, with_image=True)
+    frame = env.reset(seed=0)[0]["image"]
+    batch = [(frame if i % 2 else 255 - frame)[None] for i in range(16)]
+    with car.Sandbox([car.load_checker("def check(frame):\n    return bool(frame[0, 0, 0] > 127)")]) as sandbox:
+        assert fcntl.fcntl(sandbox.process.stdin.fileno(), fcntl.F_GETPIPE_SZ) >= len(pickle.dumps(batch)) > 1 << 16
+        sandbox.submit([0] * 16, batch)
+        expected = [[0] if frames[0, 0, 0, 0] > 127 else [] for frames in batch]
+        assert sandbox.collect() == expected and [] in expected and [0] in expected
 
 
 def test_defence_in_depth_without_the_load_check(tmp_path):
