@@ -1,6 +1,7 @@
 """Training steps per second of ppo_cnn_baseline next to the same vector env stepped with random actions.
 
     python benchmarks/bench_cnn_baseline.py [--total-timesteps 20480] [--env-ids FrozenLake8x8 ...] [--num-envs 4 16]
+    python benchmarks/bench_cnn_baseline.py --breakdown    # where one iteration's time goes, --obs state
 
 The ratio is what learning costs on top of the simulator (goal: at least 0.5 with --obs state). Both use
 the script's own envs and one CPU thread: 4 envs with CleanRL's defaults otherwise, 16 envs with 8 minibatches
@@ -37,6 +38,56 @@ def random_action_sps(env_id: str, obs: str, num_envs: int, steps: int) -> float
     return steps / (time.perf_counter() - start)
 
 
+def seconds_per_call(fn, calls: int) -> float:
+    """Mean wall time of fn() over `calls` calls, after 10 warm-up calls."""
+    for _ in range(10):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> tuple[float, float, float]:
+    """Milliseconds per iteration (num_envs x 128 steps, --obs state) spent stepping the env with random
+    actions, in the agent's rollout forward passes, and in the update epochs (the script's network,
+    optimizer and PPO loss on random data; only the sizes matter for the time)."""
+    args = ppo.Args(env_id=env_id, obs="state", num_envs=num_envs, num_minibatches=num_minibatches)
+    envs = ppo.make_envs(args, run_name="")
+    obs, _ = envs.reset(seed=0)
+    envs.action_space.seed(0)
+    env_step = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
+    agent = ppo.Agent(envs, "state")
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    x = torch.as_tensor(obs, dtype=torch.float32)
+
+    def rollout_forward():
+        with torch.no_grad():
+            agent.get_action_and_value(x)
+
+    minibatch_size = num_envs * args.num_steps // num_minibatches
+    mb_obs = torch.rand(minibatch_size, *envs.single_observation_space.shape)
+    mb_actions = torch.randint(envs.single_action_space.n, (minibatch_size,))
+    mb_advantages, mb_returns, mb_logprobs = torch.randn(3, minibatch_size)
+
+    def minibatch_update():
+        _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
+        ratio = (newlogprob - mb_logprobs).exp()
+        pg_loss = torch.max(-mb_advantages * ratio, -mb_advantages * torch.clamp(ratio, 0.8, 1.2)).mean()
+        v_loss = 0.5 * ((newvalue.view(-1) - mb_returns) ** 2).mean()
+        loss = pg_loss - args.ent_coef * entropy.mean() + v_loss * args.vf_coef
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+
+    forward = seconds_per_call(rollout_forward, 300)
+    update = seconds_per_call(minibatch_update, 50)
+    envs.close()
+    ms = 1000 * args.num_steps
+    return env_step * ms, forward * ms, update * 1000 * args.update_epochs * num_minibatches
+
+
 def training_sps(env_id: str, obs: str, num_envs: int, total_timesteps: int) -> float:
     """The SPS that a training run of the script reports at its last iteration."""
     with tempfile.TemporaryDirectory() as cwd:  # the run's tensorboard files go nowhere
@@ -55,8 +106,16 @@ if __name__ == "__main__":
     parser.add_argument("--env-ids", nargs="+", default=["FrozenLake8x8", "MiniGrid-DoorKey-5x5-v0"])
     parser.add_argument("--obs", nargs="+", default=["state", "image"], choices=["state", "image"])
     parser.add_argument("--num-envs", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--breakdown", action="store_true", help="time the parts of one iteration instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.breakdown:  # the best ratio possible if the rollout's forward passes cost nothing: env / (env + update)
+        print(f"{'env':<26}{'envs':>6}{'env ms':>9}{'forward ms':>12}{'update ms':>11}{'bound':>7}")
+        for env_id in args.env_ids:
+            for num_envs in args.num_envs:
+                env, forward, update = iteration_breakdown(env_id, num_envs, 4 if num_envs <= 4 else 8)
+                print(f"{env_id:<26}{num_envs:>6}{env:>9.0f}{forward:>12.0f}{update:>11.0f}{env / (env + update):>7.2f}")
+        sys.exit()
     print(f"{'env':<26}{'obs':>7}{'envs':>6}{'random-action SPS':>19}{'training SPS':>14}{'ratio':>7}")
     for env_id in args.env_ids:
         for obs in args.obs:
