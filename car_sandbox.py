@@ -192,8 +192,8 @@ def sandbox_worker() -> None:
     def on_alarm(signum: int, frame: object) -> None:
         raise TimeLimit
 
-    # RLIMIT_CPU is checked against the kernel's tick-sampled CPU clock, which runs ahead of the precise one that
-    # getrusage reports by a few percent: over hundreds of CPU seconds, more than a batch's whole budget. An ITIMER_PROF
+    # RLIMIT_CPU is checked against the kernel's tick-sampled CPU clock, which drifts from the precise one that
+    # getrusage reports (ahead or behind, by seconds over a long run: more than a batch's whole budget). An ITIMER_PROF
     # counts down on that same clock, so one armed for ever (its signal ignored) reads it.
     prof_clock_start = 1e9
     signal.signal(signal.SIGPROF, signal.SIG_IGN)
