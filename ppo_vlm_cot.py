@@ -254,9 +254,8 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
                                       bnb_4bit_compute_dtype=compute_dtype) if load_in_4bit else None
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=compute_dtype, quantization_config=quantization,
                                                         device_map={"": device}, local_files_only=offline)
-    for layer in (m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")):  # bitsandbytes' 4-bit
-        layer.support_avx512bf16_for_cpu = False  # no AVX512-BF16 repacking: it rounds the frozen scales to bf16 and
-        # re-quantises them at every state_dict() (each checkpoint), so the frozen base would drift on such CPUs
+    for layer in (m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")):  # bitsandbytes' 4-bit:
+        layer.support_avx512bf16_for_cpu = False  # its CPU repacking re-rounds the frozen scales at every checkpoint
     processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token

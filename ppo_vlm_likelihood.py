@@ -270,9 +270,8 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
     auto_model = AutoModelForImageTextToText if reads_images else AutoModelForCausalLM
     model = auto_model.from_pretrained(source, dtype=compute_dtype, quantization_config=quantization,
                                        device_map={"": device}, local_files_only=offline)
-    for layer in (m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")):  # bitsandbytes' 4-bit
-        layer.support_avx512bf16_for_cpu = False  # no AVX512-BF16 repacking: it rounds the frozen scales to bf16 and
-        # re-quantises them at every state_dict() (each checkpoint), so the frozen base would drift on such CPUs
+    for layer in (m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")):  # bitsandbytes' 4-bit:
+        layer.support_avx512bf16_for_cpu = False  # its CPU repacking re-rounds the frozen scales at every checkpoint
     processor = (AutoProcessor if reads_images else AutoTokenizer).from_pretrained(source, local_files_only=offline)
     return model, processor, reads_images
 
