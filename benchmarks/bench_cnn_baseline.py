@@ -7,6 +7,10 @@ The ratio is what learning costs on top of the simulator (goal: at least 0.5 wit
 the script's own envs and one CPU thread: 4 envs with CleanRL's defaults otherwise, 16 envs with 8 minibatches
 (the README's MiniGrid settings: the same 4 update epochs, minibatches of 256). The training SPS is the one the
 script reports at its last iteration (startup excluded, as in CleanRL).
+
+--breakdown times the parts of an iteration separately. Env steps cost more inside the rollout, between the
+agent's forward passes, than in a loop of their own. The update is timed for the script's agent and for a
+linear agent (one layer per head), the cheapest there is: its bound says what no network could beat.
 """
 
 import argparse
@@ -17,7 +21,9 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+from torch.distributions import Categorical
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,24 +54,25 @@ def seconds_per_call(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> tuple[float, float, float]:
-    """Milliseconds per iteration (num_envs x 128 steps, --obs state) spent stepping the env with random
-    actions, in the agent's rollout forward passes, and in the update epochs (the script's network,
-    optimizer and PPO loss on random data; only the sizes matter for the time)."""
-    args = ppo.Args(env_id=env_id, obs="state", num_envs=num_envs, num_minibatches=num_minibatches)
-    envs = ppo.make_envs(args, run_name="")
-    obs, _ = envs.reset(seed=0)
-    envs.action_space.seed(0)
-    env_step = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
-    agent = ppo.Agent(envs, "state")
+class LinearAgent(torch.nn.Module):
+    """The cheapest agent there is: one linear layer from the flattened observation to each head."""
+
+    def __init__(self, envs):
+        super().__init__()
+        size = int(np.prod(envs.single_observation_space.shape))
+        self.actor = torch.nn.Linear(size, envs.single_action_space.n)
+        self.critic = torch.nn.Linear(size, 1)
+
+    def get_action_and_value(self, x, action):
+        x = x.flatten(1)
+        probs = Categorical(logits=self.actor(x))
+        return action, probs.log_prob(action), probs.entropy(), self.critic(x)
+
+
+def update_seconds(agent, args, envs, minibatch_size: int) -> float:
+    """Wall time of one minibatch update: the script's PPO loss, backward, clipping and Adam step on random
+    data (only the sizes matter for the time)."""
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    x = torch.as_tensor(obs, dtype=torch.float32)
-
-    def rollout_forward():
-        with torch.no_grad():
-            agent.get_action_and_value(x)
-
-    minibatch_size = num_envs * args.num_steps // num_minibatches
     mb_obs = torch.rand(minibatch_size, *envs.single_observation_space.shape)
     mb_actions = torch.randint(envs.single_action_space.n, (minibatch_size,))
     mb_advantages, mb_returns, mb_logprobs = torch.randn(3, minibatch_size)
@@ -81,11 +88,35 @@ def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> tup
         torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
         optimizer.step()
 
-    forward = seconds_per_call(rollout_forward, 300)
-    update = seconds_per_call(minibatch_update, 50)
+    return seconds_per_call(minibatch_update, 50)
+
+
+def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> dict[str, float]:
+    """Milliseconds per iteration (num_envs x 128 steps, --obs state): env steps with random actions alone,
+    env steps and the agent's forward passes as the rollout alternates them, and the update epochs with
+    the script's agent and with a linear one."""
+    args = ppo.Args(env_id=env_id, obs="state", num_envs=num_envs, num_minibatches=num_minibatches)
+    envs = ppo.make_envs(args, run_name="")
+    obs, _ = envs.reset(seed=0)
+    envs.action_space.seed(0)
+    env_alone = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
+    agent = ppo.Agent(envs, "state")
+    forward = env_in_loop = 0.0
+    for _ in range(300):  # the rollout's order: a forward pass, then the env step with its action
+        start = time.perf_counter()
+        with torch.no_grad():
+            action = agent.get_action_and_value(torch.as_tensor(obs, dtype=torch.float32))[0]
+        middle = time.perf_counter()
+        obs = envs.step(action.numpy())[0]
+        forward, env_in_loop = forward + middle - start, env_in_loop + time.perf_counter() - middle
+    minibatch_size = num_envs * args.num_steps // num_minibatches
+    updates = args.update_epochs * num_minibatches
+    update = update_seconds(agent, args, envs, minibatch_size) * updates
+    linear_update = update_seconds(LinearAgent(envs), args, envs, minibatch_size) * updates
     envs.close()
     ms = 1000 * args.num_steps
-    return env_step * ms, forward * ms, update * 1000 * args.update_epochs * num_minibatches
+    return {"env": env_alone * ms, "env in loop": env_in_loop / 300 * ms, "forward": forward / 300 * ms,
+            "update": update * 1000, "linear update": linear_update * 1000}
 
 
 def training_sps(env_id: str, obs: str, num_envs: int, total_timesteps: int) -> float:
@@ -109,12 +140,16 @@ if __name__ == "__main__":
     parser.add_argument("--breakdown", action="store_true", help="time the parts of one iteration instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.breakdown:  # the best ratio possible if the rollout's forward passes cost nothing: env / (env + update)
-        print(f"{'env':<26}{'envs':>6}{'env ms':>9}{'forward ms':>12}{'update ms':>11}{'bound':>7}")
+    if args.breakdown:  # the best ratio possible if the forward passes cost nothing: env / (env in loop + update)
+        columns = ["env", "env in loop", "forward", "update", "linear update"]
+        print(f"{'env':<26}{'envs':>6}" + "".join(f"{c + ' ms':>{len(c) + 6}}" for c in columns) + f"{'bound':>7}{'linear':>8}")
         for env_id in args.env_ids:
             for num_envs in args.num_envs:
-                env, forward, update = iteration_breakdown(env_id, num_envs, 4 if num_envs <= 4 else 8)
-                print(f"{env_id:<26}{num_envs:>6}{env:>9.0f}{forward:>12.0f}{update:>11.0f}{env / (env + update):>7.2f}")
+                ms = iteration_breakdown(env_id, num_envs, 4 if num_envs <= 4 else 8)
+                bound = ms["env"] / (ms["env in loop"] + ms["update"])
+                linear = ms["env"] / (ms["env in loop"] + ms["linear update"])
+                print(f"{env_id:<26}{num_envs:>6}" + "".join(f"{ms[c]:>{len(c) + 6}.0f}" for c in columns)
+                      + f"{bound:>7.2f}{linear:>8.2f}", flush=True)
         sys.exit()
     print(f"{'env':<26}{'obs':>7}{'envs':>6}{'random-action SPS':>19}{'training SPS':>14}{'ratio':>7}")
     for env_id in args.env_ids:
