@@ -102,13 +102,14 @@ def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> dic
     env_alone = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
     agent = ppo.Agent(envs, "state")
     forward = env_in_loop = 0.0
-    for _ in range(300):  # the rollout's order: a forward pass, then the env step with its action
+    for step in range(-10, 300):  # the rollout's order: a forward pass, then the env step; 10 warm-up steps
         start = time.perf_counter()
         with torch.no_grad():
             action = agent.get_action_and_value(torch.as_tensor(obs, dtype=torch.float32))[0]
         middle = time.perf_counter()
         obs = envs.step(action.numpy())[0]
-        forward, env_in_loop = forward + middle - start, env_in_loop + time.perf_counter() - middle
+        if step >= 0:
+            forward, env_in_loop = forward + middle - start, env_in_loop + time.perf_counter() - middle
     minibatch_size = num_envs * args.num_steps // num_minibatches
     updates = args.update_epochs * num_minibatches
     update = update_seconds(agent, args, envs, minibatch_size) * updates
