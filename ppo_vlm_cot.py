@@ -47,17 +47,9 @@ from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    BitsAndBytesConfig,
-    GenerationConfig,
-    PreTrainedModel,
-)
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, GenerationConfig
+from transformers import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 import text_envs
 
@@ -175,9 +167,9 @@ def check_args(args: Args) -> None:
                         "--max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every >= 0.")
 
 
-def make_env(env_id: str, seed: int, with_image: bool = True) -> Callable[[], gym.Env]:
+def make_env(env_id: str, seed: int) -> Callable[[], gym.Env]:
     """A thunk building one text_envs env (GymCards draw 300 x 300 images, as in the paper)."""
-    return lambda: text_envs.make_env(env_id, seed, with_image=with_image)
+    return lambda: text_envs.make_env(env_id, seed)
 
 
 def make_envs(env_id: str, seeds: Sequence[int]) -> gym.vector.SyncVectorEnv:
@@ -511,12 +503,11 @@ def evaluate(policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.Vector
 
 def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer, step and RNG, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
     agent.model.save_pretrained(tmp / "adapter")
     torch.save({**state, "value_head": agent.value_head.state_dict(), "optimizer": optimizer.state_dict()},
                tmp / "trainer_state.pt")
-    old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
@@ -559,15 +550,12 @@ if __name__ == "__main__":
 
     # env and agent setup: everything that can fail on a bad flag happens before a run directory exists
     env_seeds = [args.seed + rank * args.num_envs + i for i in range(args.num_envs)]
-    try:
-        action_names = list(make_env(args.env_id, env_seeds[0], with_image=False)().get_wrapper_attr("action_names"))
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+    envs = make_envs(args.env_id, env_seeds)
+    action_names = list(envs.get_attr("action_names")[0])
     model, processor = load_base_model(args.model_id, args.load_in_4bit, device)
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     model.eval()  # no dropout: the rollout and the update score the same policy
     agent = Agent(model, processor, args.temperature, args.max_new_tokens, args.thought_coef)
-    envs = make_envs(args.env_id, env_seeds)
 
     if args.track and accelerator.is_main_process:
         import wandb
@@ -740,11 +728,9 @@ if __name__ == "__main__":
                 n_micro += 1
                 if n_micro % args.gradient_accumulation_steps == 0 or end >= args.batch_size:
                     if world > 1:  # average the gradients over processes, as DDP would
-                        flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
-                        offset = 0
-                        for p in params:
-                            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                            offset += p.numel()
+                        grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                        for p, grad in zip(params, grads.split([p.numel() for p in params])):
+                            p.grad.copy_(grad.view_as(p))
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
