@@ -4,7 +4,8 @@ OpenAI-compatible server (`openai:`), and the scripted expert (`expert`).
 Each teacher is a callable from a batch of `Frame`s to one action distribution per frame (None where a reply
 does not parse), raising `TeacherUnavailable` when a server fails after every retry. What the script does with
 the distributions (the cache, the KL term of eq. 1) stays in the script; this file is how they are obtained:
-prompts, model loading and HTTP. Only ppo_lvlm2p_distill.py uses it.
+the --teacher flags checked and the teacher built from them, prompts and few-shot examples, model loading
+and HTTP. Only ppo_lvlm2p_distill.py uses it.
 """
 import base64
 import io
@@ -16,10 +17,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import huggingface_hub
 import numpy as np
@@ -27,6 +28,9 @@ import torch
 import torch.nn as nn
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+
+if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports this module, not the reverse
+    from ppo_lvlm2p_distill import Args
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
@@ -59,8 +63,6 @@ class Frame(NamedTuple):
     image: np.ndarray  # what a VLM teacher sees: the full, rendered grid
     mission: str
     expert_action: int  # text_envs.expert_action in this frame's state (the expert teacher's answer), else -1
-
-
 
 
 class TeacherUnavailable(Exception):
@@ -288,3 +290,50 @@ class OpenAITeacher:
             return list(pool.map(self.query, frames))
 
 
+def teacher_kind(teacher: str) -> Literal["hf", "openai", "expert"] | None:
+    """Which backend a --teacher value names, or None."""
+    if teacher == "expert":
+        return "expert"
+    prefix, _, name = teacher.partition(":")
+    return prefix if prefix in ("hf", "openai") and name else None
+
+
+def check_teacher_args(args: "Args") -> None:
+    """Turn the mistakes a user can make in the --teacher flags into one sentence and a non-zero exit."""
+    kind = teacher_kind(args.teacher)
+    if kind is None:
+        raise SystemExit(f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> "
+                         "or expert.")
+    if kind == "openai" and not args.teacher_base_url:
+        raise SystemExit(f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
+                         "(e.g. http://localhost:8000/v1).")
+    if kind == "openai" and args.teacher_mode == "likelihood":
+        raise SystemExit("--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
+                         "return: use an hf: teacher, or --teacher-mode generate.")
+    if not 0.0 <= args.teacher_noise <= 1.0 or args.teacher_temperature <= 0:
+        raise SystemExit(f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
+                         "the noise is a probability (0 to 1) and the temperature must be positive.")
+
+
+def read_examples(path: str | None) -> str:
+    """The few-shot examples for the second stage, ending in a blank line ("" without a file)."""
+    if path is None:
+        return ""
+    try:
+        return Path(path).read_text().strip() + "\n\n"
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file.")
+
+
+def build_teacher(args: "Args", action_names: Sequence[str], device: torch.device) -> Callable:
+    """The teacher that --teacher names."""
+    kind, name = teacher_kind(args.teacher), args.teacher.partition(":")[2]
+    if kind == "expert":
+        return ExpertTeacher(len(action_names), args.teacher_temperature, args.teacher_noise, args.seed)
+    examples = read_examples(args.teacher_fewshot)
+    if kind == "openai":
+        return OpenAITeacher(name, args.teacher_base_url, os.environ.get(args.teacher_api_key_env), action_names,
+                             examples, args.teacher_max_new_tokens, args.teacher_timeout, args.teacher_retries,
+                             args.teacher_backoff, args.teacher_batch_size)
+    model, processor = load_teacher_model(name, device)
+    return HFTeacher(model, processor, action_names, args.teacher_mode, examples, args.teacher_max_new_tokens)

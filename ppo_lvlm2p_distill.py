@@ -6,14 +6,13 @@
 # every sample of every minibatch in every epoch); the KL term in the loss; and --algo a2c. The teacher is a local
 # VLM (`hf:`), any OpenAI-compatible server (`openai:`), or the scripted expert of text_envs (`expert`), which is
 # for offline experiments and ablations: its results are a scripted teacher's, not a VLM's. How each teacher is
-# asked (prompts, model loading, HTTP) is in lvlm2p_teachers.py; what is done with its answers is here.
+# built and asked (flags, prompts, model loading, HTTP) is in lvlm2p_teachers.py; what is done with its answers is here.
 import hashlib
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import gymnasium as gym
@@ -26,21 +25,11 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
-from lvlm2p_teachers import (
-    DEFAULT_MODEL_ID,
-    ExpertTeacher,
-    Frame,
-    HFTeacher,
-    OpenAITeacher,
-    TeacherUnavailable,
-    load_teacher_model,
-    parse_teacher_probs,  # noqa: F401  (ppo_lvlm2p_distill.parse_teacher_probs: read a teacher's reply)
-)
+from lvlm2p_teachers import DEFAULT_MODEL_ID, Frame, TeacherUnavailable, build_teacher, check_teacher_args, read_examples
 
 ALGORITHM = "ppo_lvlm2p_distill"
 # flags that fix the envs and the network: a checkpoint resumes only with the same values
 ENV_FLAGS = ("env_id", "teacher_image_size", "action_set", "num_envs")
-DEFAULT_TEACHER = f"hf:{DEFAULT_MODEL_ID}"
 
 
 @dataclass
@@ -69,7 +58,7 @@ class Args:
     """path of a checkpoint to continue from (the env flags must be the same as the checkpoint's)"""
 
     # Teacher (the LVLM of eq. 1)
-    teacher: str = DEFAULT_TEACHER
+    teacher: str = f"hf:{DEFAULT_MODEL_ID}"
     """hf:<hub id or directory> (a local VLM), openai:<model> (a server, see --teacher-base-url) or expert (scripted)"""
     teacher_mode: Literal["generate", "likelihood"] = "generate"
     """generate: the paper's two-stage prompt, probabilities parsed from the reply; likelihood: softmax over the
@@ -290,11 +279,7 @@ def distill_loss(
 
 def frame_key(image: np.ndarray, mission: str) -> bytes:
     """The teacher cache's key: a hash of the frame and the mission."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str(image.shape).encode())
-    digest.update(image.tobytes())
-    digest.update(mission.encode())
-    return digest.digest()
+    return hashlib.blake2b(str(image.shape).encode() + image.tobytes() + mission.encode(), digest_size=16).digest()
 
 
 class TeacherStats(NamedTuple):
@@ -319,20 +304,16 @@ def label_frames(
     too (the teacher is asked once per frame), server failures are not (the frame is asked again in a later rollout).
     """
     start = time.time()
-    probs, valid = torch.zeros(len(frames), n_actions), torch.zeros(len(frames), dtype=torch.bool)
-    if cache is None:
-        todo = list(range(len(frames)))  # every sample, repeats included
-    else:
-        first: dict[bytes, int] = {}
-        for i, key in enumerate(keys):
-            if key not in cache:
-                first.setdefault(key, i)
-        todo = list(first.values())
-    queries = parse_failures = server_failures = 0
-    answers: dict[int, np.ndarray | None] = {}
+    if cache is None:  # no cache (minibatch mode): every sample is asked, repeats included, and nothing is kept
+        keys, cache = range(len(frames)), {}
+    first: dict[bytes | int, int] = {}  # the first sample of each frame the cache does not know
+    for i, key in enumerate(keys):
+        if key not in cache:
+            first.setdefault(key, i)
+    todo = list(first.values())
+    parse_failures = server_failures = 0
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
-        queries += len(batch)
         try:
             replies = teacher([frames[i] for i in batch])
         except TeacherUnavailable as error:
@@ -341,69 +322,22 @@ def label_frames(
             continue
         for i, reply in zip(batch, replies):
             parse_failures += reply is None
-            answers[i] = reply
-            if cache is not None:
-                cache[keys[i]] = reply
-    for i in range(len(frames)):
-        reply = answers.get(i) if cache is None else cache.get(keys[i])
-        if reply is not None:
-            probs[i], valid[i] = torch.as_tensor(reply, dtype=torch.float32), True
-    cache_hits = 0 if cache is None else len(frames) - len(todo)
-    return probs, valid, TeacherStats(queries, cache_hits, parse_failures, server_failures, time.time() - start)
-
-
-def teacher_kind(teacher: str) -> Literal["hf", "openai", "expert"] | None:
-    """Which backend a --teacher value names, or None."""
-    if teacher == "expert":
-        return "expert"
-    prefix, _, name = teacher.partition(":")
-    return prefix if prefix in ("hf", "openai") and name else None
-
-
-def read_examples(path: str | None) -> str:
-    """The few-shot examples for the second stage, ending in a blank line ("" without a file)."""
-    if path is None:
-        return ""
-    try:
-        return Path(path).read_text().strip() + "\n\n"
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file.")
-
-
-def build_teacher(args: Args, action_names: Sequence[str], device: torch.device) -> Callable:
-    """The teacher that --teacher names."""
-    kind, name = teacher_kind(args.teacher), args.teacher.partition(":")[2]
-    if kind == "expert":
-        return ExpertTeacher(len(action_names), args.teacher_temperature, args.teacher_noise, args.seed)
-    examples = read_examples(args.teacher_fewshot)
-    if kind == "openai":
-        return OpenAITeacher(name, args.teacher_base_url, os.environ.get(args.teacher_api_key_env), action_names,
-                             examples, args.teacher_max_new_tokens, args.teacher_timeout, args.teacher_retries,
-                             args.teacher_backoff, args.teacher_batch_size)
-    model, processor = load_teacher_model(name, device)
-    return HFTeacher(model, processor, action_names, args.teacher_mode, examples, args.teacher_max_new_tokens)
+            cache[keys[i]] = reply
+    probs, valid = torch.zeros(len(frames), n_actions), torch.zeros(len(frames), dtype=torch.bool)
+    for i, key in enumerate(keys):
+        if cache.get(key) is not None:
+            probs[i], valid[i] = torch.as_tensor(cache[key], dtype=torch.float32), True
+    cache_hits = len(frames) - len(todo)
+    return probs, valid, TeacherStats(len(todo), cache_hits, parse_failures, server_failures, time.time() - start)
 
 
 def check_args(args: Args) -> list[str]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the action words."""
-    kind = teacher_kind(args.teacher)
-    if kind is None:
-        raise SystemExit(f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> "
-                         "or expert.")
-    if kind == "openai" and not args.teacher_base_url:
-        raise SystemExit(f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
-    if kind == "openai" and args.teacher_mode == "likelihood":
-        raise SystemExit("--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
-                         "return: use an hf: teacher, or --teacher-mode generate.")
-    if not 0.0 <= args.teacher_noise <= 1.0 or args.teacher_temperature <= 0:
-        raise SystemExit(f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
-                         "the noise is a probability (0 to 1) and the temperature must be positive.")
+    check_teacher_args(args)
     if args.distill_coef < 0:
         raise SystemExit(f"--distill-coef {args.distill_coef} is negative: lambda weighs the KL term, use 0 (the RL "
                          "loss alone) or more.")
-    if args.teacher_fewshot is not None:
-        read_examples(args.teacher_fewshot)
+    read_examples(args.teacher_fewshot)  # unreadable examples are bad input even where lambda = 0 builds no teacher
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -540,7 +474,7 @@ if __name__ == "__main__":
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
-    if teacher_kind(args.teacher) == "expert":
+    if args.teacher == "expert":
         writer.add_text("teacher", "scripted teacher (text_envs.expert_action), not a VLM")
 
     # TRY NOT TO MODIFY: seeding
@@ -561,7 +495,7 @@ if __name__ == "__main__":
         envs = make_envs(args)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     n_actions = envs.single_action_space.n
-    use_expert = teacher_kind(args.teacher) == "expert" and args.distill_coef > 0  # without lambda, no expert calls
+    use_expert = args.teacher == "expert" and args.distill_coef > 0  # without lambda, no expert calls
     cache: dict[bytes, np.ndarray | None] = {}  # the teacher's answer for each distinct frame, across rollouts
 
     agent = Agent(envs).to(device)
@@ -776,16 +710,15 @@ if __name__ == "__main__":
         writer.add_scalar("teacher/distill_coef", distill_coef, global_step)
         teacher_report = ""
         if stats:
-            queries = sum(s.queries for s in stats)
-            total_queries += queries
+            totals = TeacherStats(*map(sum, zip(*stats)))  # over the rollout's labelling or every minibatch's
+            total_queries += totals.queries
             labelled = args.batch_size * (1 if args.teacher_query_mode == "rollout" else args.update_epochs)
             writer.add_scalar("teacher/kl", np.mean(distill_losses), global_step)
             writer.add_scalar("teacher/queries", total_queries, global_step)
             writer.add_scalar("teacher/queries_per_step", total_queries / global_step, global_step)
-            writer.add_scalar("teacher/cache_hit_rate", sum(s.cache_hits for s in stats) / labelled, global_step)
-            writer.add_scalar("teacher/parse_failures", sum(s.parse_failures for s in stats), global_step)
-            writer.add_scalar("teacher/server_failures", sum(s.server_failures for s in stats), global_step)
-            writer.add_scalar("teacher/seconds", sum(s.seconds for s in stats), global_step)
+            writer.add_scalar("teacher/cache_hit_rate", totals.cache_hits / labelled, global_step)
+            for name in ("parse_failures", "server_failures", "seconds"):
+                writer.add_scalar(f"teacher/{name}", getattr(totals, name), global_step)
             teacher_report = f" teacher_queries={total_queries}"
         if episode_returns:
             success_rate = float(np.mean(episode_successes))
