@@ -1,20 +1,25 @@
 """The coders of vlm_car_reward.py: the VLM that lists sub-tasks and writes the reward programs, either a local
 Hugging Face model (`hf:<id or directory>`, greedy) or any OpenAI-compatible chat-completions server
-(`openai:<model>`), with model loading that finds out in seconds whether the Hub can be reached and falls back to
-the committed tiny random model for the default id. Used by vlm_car_reward.py only."""
+(`openai:<model>`); model loading that finds out in seconds whether the Hub can be reached and falls back to the
+committed tiny random model for the default id; the --coder flags checked and the coder built from them
+(`check_coder_args`, `build_coder`); and what the replies are read for: the sub-tasks of a numbered list
+(`parse_subtasks`) and the program (`extract_code`), checked at load (`read_program`). Used by vlm_car_reward.py
+only."""
 
+import ast
 import base64
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import huggingface_hub
 import numpy as np
@@ -22,6 +27,11 @@ import torch
 import torch.nn as nn
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+
+from car_sandbox import UnsafeCodeError, load_checker
+
+if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports this module, not the reverse
+    from vlm_car_reward import Args
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
@@ -172,3 +182,77 @@ def load_coder_model(model_id: str, device: torch.device) -> tuple[nn.Module, ob
     ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model.generation_config = GenerationConfig(**ids)
     return model, processor
+
+
+def check_coder_args(args: "Args") -> None:
+    """Turn the mistakes a user can make in the --coder flags into one sentence and a non-zero exit."""
+    kind = coder_kind(args.coder)
+    if kind is None:
+        raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
+    if kind == "openai" and not args.coder_base_url:
+        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
+                         "(e.g. http://localhost:8000/v1).")
+
+
+def build_coder(args: "Args", device: torch.device) -> Callable[[str, Sequence[np.ndarray]], str]:
+    """The coder that --coder names."""
+    kind, name = coder_kind(args.coder), args.coder.partition(":")[2]
+    if kind == "openai":
+        return OpenAICoder(name, args.coder_base_url, os.environ.get(args.coder_api_key_env), args.max_new_tokens,
+                           args.coder_timeout, args.coder_retries, args.coder_backoff)
+    model, processor = load_coder_model(name, device)
+    return HFCoder(model, processor, args.max_new_tokens)
+
+
+NUMBERED = re.compile(r"^\s*(?:step\s*)?\d{1,2}\s*[.):]\s*(.*\S)\s*$", re.IGNORECASE | re.MULTILINE)
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+CODE_START = re.compile(r"^(?:import |from |def |[A-Za-z_][A-Za-z0-9_]* = )")
+
+
+def parse_subtasks(text: str) -> list[str]:
+    """The numbered list of a stage-1 reply, in order (markdown emphasis removed); [] when there is none."""
+    items = [re.sub(r"[*_`]+", "", match.group(1)).strip() for match in NUMBERED.finditer(text)]
+    return [item for item in items if item]
+
+
+def _parses(code: str) -> bool:
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in tree.body)
+
+
+def extract_code(text: str) -> str | None:
+    """The program in a reply: the fenced block that defines `check` (a block cut off at the end of the reply counts),
+    else the longest run of lines around `def check` that parses; None when there is no parsable `check`."""
+    blocks = [match.group(2) for match in FENCE.finditer(text)]
+    for block in blocks:
+        if "def check" in block and _parses(block):
+            return block.strip() + "\n"
+    lines = text.splitlines()[:500]
+    defs = [i for i, line in enumerate(lines) if line.startswith("def check")]
+    if not defs:
+        return None
+    starts = [i for i in range(defs[0] + 1) if CODE_START.match(lines[i])]
+    for start in starts:  # earliest code line first (imports and constants), then the longest piece that parses
+        for end in range(len(lines), defs[0], -1):
+            code = "\n".join(lines[start:end])
+            if _parses(code):
+                return code.strip() + "\n"
+    return None
+
+
+NEVER_DONE = "def check(frame):\n    return False\n"  # what the worker runs in place of a program that did not load
+
+
+def read_program(reply: str) -> tuple[str, str, str | None]:
+    """The code in a reply ("" when there is none), the program the worker runs for it (validated by load_checker,
+    else NEVER_DONE) and why the code has no program of its own (None when it has)."""
+    code = extract_code(reply) or ""
+    if not code:
+        return "", NEVER_DONE, "the reply has no `def check(frame)` in a ```python block"
+    try:
+        return code, load_checker(code), None
+    except UnsafeCodeError as error:
+        return code, NEVER_DONE, f"UnsafeCodeError: {error}"

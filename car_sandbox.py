@@ -4,8 +4,10 @@ Generated code is hostile input. `load_checker(code)` refuses, with `UnsafeCodeE
 more than numpy, math and a few builtins, or reaches for names, attributes or strings through which Python
 leads to files, processes or the interpreter's internals. `Sandbox` runs the accepted programs in a fresh
 `python -I` worker of its own with the same allowlists and OS limits, and stands it up again when a program
-hangs or kills it. Only vlm_car_reward.py uses this file; it lives apart so that the one piece that must be
-audited as a whole can be read as a whole.
+hangs or kills it. `save_programs` and `load_programs` write and read back a folder of accepted programs
+(`subtask_<k>.py` and `programs.json`); what is read back goes through `load_checker` again. Only
+vlm_car_reward.py uses this file; it lives apart so that the one piece that must be audited as a whole can be
+read as a whole.
 """
 
 import ast
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Self
 
 import numpy as np
@@ -412,3 +415,42 @@ class Sandbox:
         self.close()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The accepted programs on disk: runs/<run_name>/reward_programs, read back by --reward-programs
+# ---------------------------------------------------------------------------------------------------------------------
+def save_programs(path: str | Path, env_id: str, checker_input: str, tile_size: int, subtasks: Sequence[str],
+                  programs: Sequence[str]) -> None:
+    """Write the programs (subtask_1.py, ...) and programs.json, which `load_programs` reads back."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = [f"subtask_{k + 1}.py" for k in range(len(programs))]
+    for k, (subtask, program, name) in enumerate(zip(subtasks, programs, files)):
+        (path / name).write_text(f"# sub-task {k + 1}: {subtask}\n{program}")
+    manifest = {"env_id": env_id, "checker_input": checker_input, "tile_size": tile_size,
+                "subtasks": list(subtasks), "files": files}
+    (path / "programs.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_programs(path: str, env_id: str, checker_input: str, tile_size: int) -> tuple[list[str], list[str]]:
+    """The sub-tasks and validated programs of a --reward-programs folder, checked against this run's flags."""
+    try:
+        manifest = json.loads((Path(path) / "programs.json").read_text())
+        subtasks, files = [str(s) for s in manifest["subtasks"]], [str(f) for f in manifest["files"]]
+        codes = [(Path(path) / name).read_text() for name in files]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"--reward-programs {path} is not a folder of reward programs ({type(error).__name__}: "
+                         f"{error}); pass a runs/<run_name>/reward_programs folder.") from None
+    for flag, value in (("env_id", env_id), ("checker_input", checker_input), ("tile_size", tile_size)):
+        if manifest.get(flag) != value and not (flag == "tile_size" and checker_input == "state"):
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(f"--reward-programs {path} was written for {name} {manifest.get(flag)}, not {value}: "
+                             f"pass {name} {manifest.get(flag)}.")
+    if not subtasks or len(subtasks) != len(files):
+        raise SystemExit(f"--reward-programs {path} lists {len(subtasks)} sub-tasks and {len(files)} files.")
+    programs = []
+    for name, code in zip(files, codes):
+        try:
+            programs.append(load_checker(code))
+        except UnsafeCodeError as error:
+            raise SystemExit(f"--reward-programs {path}: {name} is refused ({error}).") from None
+    return subtasks, programs

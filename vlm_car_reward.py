@@ -7,19 +7,16 @@
 # The PPO agent is ppo_cnn_baseline.py's on the "state" observation, with its checkpoints (--resume: the same envs,
 # the same programs and each env's sub-task progress) and its evaluation of the saved model (no videos here).
 # Generated code is hostile input: it is checked at load (`load_checker`) and runs only in a worker process with
-# restricted builtins, numpy and math behind allowlists, and OS limits (`Sandbox`); both live in car_sandbox.py.
-# The coder backends (a local VLM, an OpenAI-compatible server) and model loading live in car_coders.py.
-import ast
-import json
+# restricted builtins, numpy and math behind allowlists, and OS limits (`Sandbox`); both live in car_sandbox.py, with
+# the folder the accepted programs are saved to. The coder backends (a local VLM, an OpenAI-compatible server), model
+# loading, the --coder flags and reading the sub-tasks and the program out of a reply live in car_coders.py.
 import operator
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import gymnasium as gym
@@ -34,15 +31,8 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
-from car_coders import (
-    DEFAULT_MODEL_ID,
-    CoderUnavailable,
-    HFCoder,
-    OpenAICoder,
-    coder_kind,
-    load_coder_model,
-)
-from car_sandbox import Sandbox, UnsafeCodeError, load_checker
+from car_coders import DEFAULT_MODEL_ID, CoderUnavailable, build_coder, check_coder_args, parse_subtasks, read_program
+from car_sandbox import Sandbox, load_programs, save_programs
 
 ALGORITHM = "vlm_car_reward"
 # flags that fix the envs, the frames the programs read and the network: a checkpoint resumes only with the same values
@@ -54,7 +44,6 @@ MAX_RANDOM_SHARE = 0.1  # SPEC §4: at most 10% of random trajectories may compl
 RANDOM_LENGTH = 4
 MAX_SUBTASKS = 8
 STATE, FRAME = 0, 1  # the training envs' observation: (the agent's input, what the programs read)
-
 
 
 @dataclass
@@ -164,58 +153,6 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The coder: a local VLM or an OpenAI-compatible server, and what its replies are read for
-# ---------------------------------------------------------------------------------------------------------------------
-FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
-NUMBERED = re.compile(r"^\s*(?:step\s*)?\d{1,2}\s*[.):]\s*(.*\S)\s*$", re.IGNORECASE | re.MULTILINE)
-CODE_START = re.compile(r"^(?:import |from |def |[A-Za-z_][A-Za-z0-9_]* = )")
-
-
-def _parses(code: str) -> bool:
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
-        return False
-    return any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in tree.body)
-
-
-def extract_code(text: str) -> str | None:
-    """The program in a reply: the fenced block that defines `check` (a block cut off at the end of the reply counts),
-    else the longest run of lines around `def check` that parses; None when there is no parsable `check`."""
-    blocks = [match.group(2) for match in FENCE.finditer(text)]
-    for block in blocks:
-        if "def check" in block and _parses(block):
-            return block.strip() + "\n"
-    lines = text.splitlines()[:500]
-    defs = [i for i, line in enumerate(lines) if line.startswith("def check")]
-    if not defs:
-        return None
-    starts = [i for i in range(defs[0] + 1) if CODE_START.match(lines[i])]
-    for start in starts:  # earliest code line first (imports and constants), then the longest piece that parses
-        for end in range(len(lines), defs[0], -1):
-            code = "\n".join(lines[start:end])
-            if _parses(code):
-                return code.strip() + "\n"
-    return None
-
-
-def parse_subtasks(text: str) -> list[str]:
-    """The numbered list of a stage-1 reply, in order (markdown emphasis removed); [] when there is none."""
-    items = [re.sub(r"[*_`]+", "", match.group(1)).strip() for match in NUMBERED.finditer(text)]
-    return [item for item in items if item][:MAX_SUBTASKS]
-
-
-def build_coder(args: Args, device: torch.device) -> Callable[[str, Sequence[np.ndarray]], str]:
-    """The coder that --coder names."""
-    kind, name = coder_kind(args.coder), args.coder.partition(":")[2]
-    if kind == "openai":
-        return OpenAICoder(name, args.coder_base_url, os.environ.get(args.coder_api_key_env), args.max_new_tokens,
-                           args.coder_timeout, args.coder_retries, args.coder_backoff)
-    model, processor = load_coder_model(name, device)
-    return HFCoder(model, processor, args.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Stages 1 to 3: sub-tasks, programs, verification
 # ---------------------------------------------------------------------------------------------------------------------
 SUBTASK_PROMPT = (
@@ -252,24 +189,18 @@ FEEDBACK_PROMPT = (
 )
 
 
-class Trajectory(NamedTuple):
-    frames: np.ndarray  # [T + 1, ...] what the programs read, from the reset observation to the last one
-    success: bool
-
-
-def collect_trajectory(env: gym.Env, seed: int, expert: bool, key: str, max_steps: int | None = None) -> Trajectory:
-    """One episode of the env's expert (text_envs.expert_action) or of uniformly random actions, from reset(seed),
-    cut after `max_steps` steps."""
+def collect_trajectory(env: gym.Env, seed: int, expert: bool, key: str, max_steps: int | None = None) -> np.ndarray:
+    """The frames [T + 1, ...] the programs read in one episode of the env's expert (text_envs.expert_action) or of
+    uniformly random actions, from reset(seed) to the last observation, cut after `max_steps` steps."""
     obs, _ = env.reset(seed=seed)
-    frames, rng, success = [obs[key]], np.random.default_rng(seed), False
+    frames, rng = [obs[key]], np.random.default_rng(seed)
     while max_steps is None or len(frames) <= max_steps:
         action = text_envs.expert_action(env) if expert else int(rng.integers(env.action_space.n))
-        obs, _, terminated, truncated, info = env.step(action)
+        obs, _, terminated, truncated, _ = env.step(action)
         frames.append(obs[key])
-        success = bool(info["success"])
         if terminated or truncated:
             break
-    return Trajectory(np.stack(frames), success)
+    return np.stack(frames)
 
 
 class Verification(NamedTuple):
@@ -281,14 +212,14 @@ class Verification(NamedTuple):
     random_two_or_more: int  # random trajectories that completed two or more sub-tasks
 
 
-def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[Trajectory], random_play: Sequence[Trajectory],
+def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[np.ndarray], random_play: Sequence[np.ndarray],
            load_errors: Sequence[str | None]) -> Verification:
     """SPEC §4's test: every expert trajectory completes every sub-task in order, and at most 10% of random
     trajectories complete two or more. Ours on top: no sub-task is complete in an episode's first frame (an
     always-true program next to good ones would otherwise pass)."""
     n = len(subtasks)
-    expert_steps = [sandbox.advance([0], [trajectory.frames])[0] for trajectory in expert]
-    random_steps = [sandbox.advance([0], [trajectory.frames])[0] for trajectory in random_play]
+    expert_steps = [sandbox.advance([0], [frames])[0] for frames in expert]
+    random_steps = [sandbox.advance([0], [frames])[0] for frames in random_play]
     expert_completed = [sum(len(steps) > k for steps in expert_steps) for k in range(n)]
     random_completed = [sum(len(steps) > k for steps in random_steps) for k in range(n)]
     random_two_or_more = random_completed[1] if n > 1 else 0
@@ -331,41 +262,31 @@ class NoPrograms(Exception):
 
 
 def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env: gym.Env, args: Args,
-                          expert: Sequence[Trajectory], random_play: Sequence[Trajectory], grid: tuple[int, int],
-                          log: Callable[[str], None]) -> tuple[list[str], list[str], Verification]:
+                          expert: Sequence[np.ndarray], random_play: Sequence[np.ndarray], grid: tuple[int, int],
+                          log: Callable[[str], None]) -> tuple[list[str], list[str]]:
     """Stages 1 to 3: sub-tasks from the first and last frame of an expert episode, one program per sub-task, and
     rounds of verification in which the failing programs are rewritten with the failure report."""
     shown = collect_trajectory(env, VERIFY_SEED - 1, expert=True, key="image")
     mission = env.unwrapped.mission
     subtasks: list[str] = []
     for attempt in range(args.max_rounds):  # stage 1
-        reply = coder(SUBTASK_PROMPT.format(mission=mission, max_subtasks=MAX_SUBTASKS),
-                      [shown.frames[0], shown.frames[-1]])
-        subtasks = parse_subtasks(reply)
+        reply = coder(SUBTASK_PROMPT.format(mission=mission, max_subtasks=MAX_SUBTASKS), [shown[0], shown[-1]])
+        subtasks = parse_subtasks(reply)[:MAX_SUBTASKS]
         log(f"stage 1, attempt {attempt + 1}: sub-tasks {subtasks}")
         if subtasks:
             break
     if not subtasks:
         raise NoPrograms(f"The coder listed no sub-tasks (a numbered list) in {args.max_rounds} attempt(s), so there "
                          f"are no reward programs (its last reply began {reply[:80]!r})")
-    sources: list[str | None] = [None] * len(subtasks)  # the validated programs (None: no usable code)
     codes = [""] * len(subtasks)  # the code as the coder wrote it, shown back with the failure report
-    load_errors: list[str | None] = [None] * len(subtasks)
+    programs, load_errors = [""] * len(subtasks), [None] * len(subtasks)  # what the worker runs; why not the code
     to_write = dict.fromkeys(range(len(subtasks)), "")  # sub-task -> the failure report of its last program
     for round_ in range(1, args.max_rounds + 1):
         for k, failure in to_write.items():  # stage 2, or a rewrite with the report of stage 3
-            prompt = program_prompt(mission, subtasks, k, args.checker_input, expert[0].frames.shape[1:], grid,
-                                    args.tile_size)
+            prompt = program_prompt(mission, subtasks, k, args.checker_input, expert[0].shape[1:], grid, args.tile_size)
             if failure:
                 prompt += FEEDBACK_PROMPT.format(code=codes[k] or "(no code)", report=failure)
-            codes[k] = extract_code(coder(prompt, [shown.frames[0]])) or ""
-            sources[k], load_errors[k] = None, "the reply has no `def check(frame)` in a ```python block"
-            if codes[k]:
-                try:
-                    sources[k], load_errors[k] = load_checker(codes[k]), None
-                except UnsafeCodeError as error:
-                    load_errors[k] = f"UnsafeCodeError: {error}"
-        programs = [source or "def check(frame):\n    return False\n" for source in sources]
+            codes[k], programs[k], load_errors[k] = read_program(coder(prompt, [shown[0]]))
         with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
             errors = [load_errors[k] or sandbox.load_errors[k] for k in range(len(subtasks))]
             verification = verify(sandbox, subtasks, expert, random_play, errors)
@@ -373,47 +294,11 @@ def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env
         for k, reason in verification.failing.items():
             log(f"  sub-task {k + 1} ({subtasks[k]}) fails: {reason}")
         if verification.accepted:
-            return subtasks, programs, verification
+            return subtasks, programs
         to_write = dict(verification.failing)
-    k, reason = next(iter(sorted(verification.failing.items())))
+    k, reason = min(verification.failing.items())
     raise NoPrograms(f"The coder's reward programs did not pass verification in {args.max_rounds} round(s) "
                      f"(sub-task {k + 1}, {subtasks[k]!r}: {reason})")
-
-
-def save_programs(path: Path, env_id: str, args: Args, subtasks: Sequence[str], programs: Sequence[str]) -> None:
-    """Write the programs (subtask_1.py, ...) and programs.json, which --reward-programs reads back."""
-    path.mkdir(parents=True, exist_ok=True)
-    files = [f"subtask_{k + 1}.py" for k in range(len(programs))]
-    for k, (subtask, program, name) in enumerate(zip(subtasks, programs, files)):
-        (path / name).write_text(f"# sub-task {k + 1}: {subtask}\n{program}")
-    manifest = {"env_id": env_id, "checker_input": args.checker_input, "tile_size": args.tile_size,
-                "subtasks": list(subtasks), "files": files}
-    (path / "programs.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def load_programs(path: str, env_id: str, args: Args) -> tuple[list[str], list[str]]:
-    """The sub-tasks and validated programs of a --reward-programs folder, checked against this run's flags."""
-    try:
-        manifest = json.loads((Path(path) / "programs.json").read_text())
-        subtasks, files = [str(s) for s in manifest["subtasks"]], [str(f) for f in manifest["files"]]
-        codes = [(Path(path) / name).read_text() for name in files]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"--reward-programs {path} is not a folder of reward programs ({type(error).__name__}: "
-                         f"{error}); pass a runs/<run_name>/reward_programs folder.") from None
-    for flag, value in (("env_id", env_id), ("checker_input", args.checker_input), ("tile_size", args.tile_size)):
-        if manifest.get(flag) != value and not (flag == "tile_size" and args.checker_input == "state"):
-            name = "--" + flag.replace("_", "-")
-            raise SystemExit(f"--reward-programs {path} was written for {name} {manifest.get(flag)}, not {value}: "
-                             f"pass {name} {manifest.get(flag)}.")
-    if not subtasks or len(subtasks) != len(files):
-        raise SystemExit(f"--reward-programs {path} lists {len(subtasks)} sub-tasks and {len(files)} files.")
-    programs = []
-    for name, code in zip(files, codes):
-        try:
-            programs.append(load_checker(code))
-        except UnsafeCodeError as error:
-            raise SystemExit(f"--reward-programs {path}: {name} is refused ({error}).") from None
-    return subtasks, programs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -564,13 +449,9 @@ def grid_size(env_id: str) -> tuple[int, int]:
 
 def check_args(args: Args) -> tuple[int, int]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the grid size."""
-    kind = coder_kind(args.coder)
     coder_writes = args.reward_programs is None and args.resume is None  # a resumed run has the checkpoint's programs
-    if coder_writes and kind is None:
-        raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
-    if coder_writes and kind == "openai" and not args.coder_base_url:
-        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
+    if coder_writes:
+        check_coder_args(args)
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -697,28 +578,26 @@ if __name__ == "__main__":
             expert = [collect_trajectory(verify_env, VERIFY_SEED + i, True, key) for i in range(args.num_expert)]
         except (NotImplementedError, ValueError, RuntimeError) as error:
             raise SystemExit(f"--env-id {args.env_id} has no expert to verify the programs with ({error}).") from None
-        random_length = RANDOM_LENGTH * max([len(trajectory.frames) - 1 for trajectory in expert], default=100)
+        random_length = RANDOM_LENGTH * max([len(frames) - 1 for frames in expert], default=100)
         random_play = [collect_trajectory(verify_env, VERIFY_SEED + args.num_expert + i, False, key, random_length)
                        for i in range(args.num_random)]
         try:
             if args.reward_programs:
-                subtasks, programs = load_programs(args.reward_programs, full_env_id, args)
+                subtasks, programs = load_programs(args.reward_programs, full_env_id, args.checker_input,
+                                                   args.tile_size)
                 with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
                     verification = verify(sandbox, subtasks, expert, random_play, sandbox.load_errors)
                 log(f"--reward-programs {args.reward_programs}: {verification.summary}")
                 if not verification.accepted:
-                    k, reason = next(iter(sorted(verification.failing.items())))
+                    k, reason = min(verification.failing.items())
                     raise NoPrograms(f"The programs of --reward-programs {args.reward_programs} did not pass "
                                      f"verification (sub-task {k + 1}, {subtasks[k]!r}: {reason})")
             else:
-                try:
-                    coder = build_coder(args, device)
-                    subtasks, programs, verification = write_reward_programs(
-                        coder, verify_env, args, expert, random_play, grid, log
-                    )
-                except CoderUnavailable as error:
-                    raise SystemExit(f"The coder did not answer ({error}): check --coder-base-url, the model name and "
-                                     f"the API key in ${args.coder_api_key_env}.") from None
+                subtasks, programs = write_reward_programs(build_coder(args, device), verify_env, args, expert,
+                                                           random_play, grid, log)
+        except CoderUnavailable as error:
+            raise SystemExit(f"The coder did not answer ({error}): check --coder-base-url, the model name and the API "
+                             f"key in ${args.coder_api_key_env}.") from None
         except NoPrograms as error:
             if args.if_unverified == "exit":
                 raise SystemExit(f"{error}; pass --if-unverified sparse to train on the env's sparse reward alone, or "
@@ -727,7 +606,8 @@ if __name__ == "__main__":
             subtasks, programs = [], []
         verify_env.close()
         if programs:
-            save_programs(Path(f"runs/{run_name}/reward_programs"), full_env_id, args, subtasks, programs)
+            save_programs(f"runs/{run_name}/reward_programs", full_env_id, args.checker_input, args.tile_size, subtasks,
+                          programs)
             log(f"reward programs for {subtasks} saved to runs/{run_name}/reward_programs")
 
     if args.track:

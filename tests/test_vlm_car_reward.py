@@ -19,6 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import text_envs
 import vlm_car_reward as car
+from car_coders import extract_code, parse_subtasks
+from car_sandbox import UnsafeCodeError, load_checker, load_programs, save_programs
 
 SCRIPT = str(Path(car.__file__).resolve())
 REFERENCE = Path(car.__file__).resolve().parent / "reference_programs"
@@ -83,15 +85,15 @@ FAIL_AT_RUN = {
 
 @pytest.mark.parametrize("name", list(REFUSED_AT_LOAD))
 def test_forbidden_code_is_refused_at_load(name):
-    with pytest.raises(car.UnsafeCodeError):
-        car.load_checker(REFUSED_AT_LOAD[name])
+    with pytest.raises(UnsafeCodeError):
+        load_checker(REFUSED_AT_LOAD[name])
 
 
 def test_allowed_code_loads_without_its_imports():
-    source = car.load_checker(KEY_PROGRAM)
+    source = load_checker(KEY_PROGRAM)
     assert "import" not in source and "def check(frame)" in source
-    assert car.load_checker("import math\nLIMIT = (1, 2)\ndef helper(x, y=2):\n    return math.sqrt(x) > y\n"
-                            "def check(frame):\n    return helper(float(frame.mean()))")
+    assert load_checker("import math\nLIMIT = (1, 2)\ndef helper(x, y=2):\n    return math.sqrt(x) > y\n"
+                        "def check(frame):\n    return helper(float(frame.mean()))")
 
 
 def frames(n: int = 2) -> np.ndarray:
@@ -107,7 +109,7 @@ def frames(n: int = 2) -> np.ndarray:
 def test_hostile_programs_at_run_are_not_done_and_the_trainer_is_unharmed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM)}
-    programs = [car.load_checker(code) for code in FAIL_AT_RUN.values()]
+    programs = [load_checker(code) for code in FAIL_AT_RUN.values()]
     seen = frames(2)
     before = seen.copy()
     with car.Sandbox(programs, time_limit=0.2, memory_mb=512) as sandbox:
@@ -117,7 +119,7 @@ def test_hostile_programs_at_run_are_not_done_and_the_trainer_is_unharmed(tmp_pa
         assert sandbox.errors >= len(programs)
         assert sandbox.restarts >= 1  # the loop in `finally` outlives the time limit: the worker is replaced
         # training goes on: a good program after all of them still answers, in the same sandbox
-    with car.Sandbox([car.load_checker("def check(frame):\n    return bool(frame.max() == 255)")]) as sandbox:
+    with car.Sandbox([load_checker("def check(frame):\n    return bool(frame.max() == 255)")]) as sandbox:
         assert sandbox.advance([0, 0], [seen[:1], seen]) == [[0], [0]]
     np.testing.assert_array_equal(seen, before)  # the trainer's frames did not change
     assert list(tmp_path.iterdir()) == []  # no file appeared
@@ -130,7 +132,7 @@ def test_a_vector_step_of_frames_fits_in_the_pipe_and_comes_back_right():
     env = text_envs.make_env("MiniGrid-UnlockPickup-v0", seed=0, image_size=88, with_image=True)
     frame = env.reset(seed=0)[0]["image"]
     batch = [(frame if i % 2 else 255 - frame)[None] for i in range(16)]
-    with car.Sandbox([car.load_checker("def check(frame):\n    return bool(frame[0, 0, 0] > 127)")]) as sandbox:
+    with car.Sandbox([load_checker("def check(frame):\n    return bool(frame[0, 0, 0] > 127)")]) as sandbox:
         assert fcntl.fcntl(sandbox.process.stdin.fileno(), fcntl.F_GETPIPE_SZ) >= len(pickle.dumps(batch)) > 1 << 16
         sandbox.submit([0] * 16, batch)
         expected = [[0] if frames[0, 0, 0, 0] > 127 else [] for frames in batch]
@@ -159,7 +161,7 @@ def reference_trajectories(env_id: str, tile: int, num_expert: int, num_random: 
     width, height = car.grid_size(env_id)
     env = text_envs.make_env(env_id, image_size=tile * max(width, height))
     expert = [car.collect_trajectory(env, car.VERIFY_SEED + i, True, "image") for i in range(num_expert)]
-    length = car.RANDOM_LENGTH * max(len(t.frames) - 1 for t in expert)
+    length = car.RANDOM_LENGTH * max(len(frames) - 1 for frames in expert)
     random_play = [car.collect_trajectory(env, car.VERIFY_SEED + 100 + i, False, "image", length)
                    for i in range(num_random)]
     return expert, random_play
@@ -171,12 +173,12 @@ def doorkey8_trajectories():
 
 
 def verify(programs: list[str], trajectories) -> car.Verification:
-    with car.Sandbox([car.load_checker(p) for p in programs]) as sandbox:
+    with car.Sandbox([load_checker(p) for p in programs]) as sandbox:
         return car.verify(sandbox, ["a", "b", "c"][: len(programs)], *trajectories, sandbox.load_errors)
 
 
 def test_verification_accepts_the_reference_programs(doorkey8_trajectories):
-    subtasks, programs = car.load_programs(str(REFERENCE / "DoorKey-8x8"), DOORKEY8, car.Args())
+    subtasks, programs = load_programs(str(REFERENCE / "DoorKey-8x8"), DOORKEY8, "frame", 8)
     assert subtasks == ["pick up the key", "open the door", "reach the goal"]
     result = verify(programs, doorkey8_trajectories)
     assert result.accepted, result.failing
@@ -186,7 +188,7 @@ def test_verification_accepts_the_reference_programs(doorkey8_trajectories):
 
 def test_verification_accepts_the_unlockpickup_reference_programs():
     env_id = "MiniGrid-UnlockPickup-v0"
-    _, programs = car.load_programs(str(REFERENCE / "UnlockPickup"), env_id, car.Args())
+    _, programs = load_programs(str(REFERENCE / "UnlockPickup"), env_id, "frame", 8)
     result = verify(programs, reference_trajectories(env_id, 8, 4, 10))
     assert result.accepted and result.expert_completed == [4, 4, 4], result.failing
 
@@ -218,13 +220,13 @@ def test_verification_refuses_bad_programs(doorkey8_trajectories, programs, fail
 ], ids=["fenced", "fence without language", "two blocks", "unfenced with prose", "fence cut off", "broken",
         "no code", "no check"])
 def test_extract_code(reply, expected):
-    assert car.extract_code(reply) == expected
+    assert extract_code(reply) == expected
 
 
 def test_parse_subtasks():
     reply = "Sub-tasks:\n1. **Pick up the key**\n2) open the door\n3: go to the goal\nThat is all."
-    assert car.parse_subtasks(reply) == ["Pick up the key", "open the door", "go to the goal"]
-    assert car.parse_subtasks("no list here") == []
+    assert parse_subtasks(reply) == ["Pick up the key", "open the door", "go to the goal"]
+    assert parse_subtasks("no list here") == []
 
 
 def test_end_to_end_with_reference_programs(tmp_path, monkeypatch, capsys):
@@ -243,7 +245,7 @@ def test_training_goes_on_with_misbehaving_programs(tmp_path, monkeypatch, capsy
     """A program that raises at every call and hangs the worker now and then: counted, the worker restarted, the
     run completes."""
     folder = tmp_path / "programs"
-    car.save_programs(folder, DOORKEY8, car.Args(), ["raises, and hangs at its 40th call", "never reached"], [
+    save_programs(folder, DOORKEY8, "frame", 8, ["raises, and hangs at its 40th call", "never reached"], [
         ("CALLS = [0]\n"
          "def check(frame):\n"
          "    CALLS[0] += 1\n"
@@ -348,9 +350,9 @@ def test_state_programs_read_the_symbolic_view():
     env = text_envs.make_env("DoorKey", with_image=False)
     expert = [car.collect_trajectory(env, car.VERIFY_SEED + i, True, "state") for i in range(3)]
     random_play = [car.collect_trajectory(env, car.VERIFY_SEED + 10 + i, False, "state", 60) for i in range(5)]
-    assert expert[0].frames.shape[1:] == (7, 7, 5)
+    assert expert[0].shape[1:] == (7, 7, 5)
     carrying_key = "def check(frame):\n    return bool(frame[3, 6, 0] == 5)"
-    with car.Sandbox([car.load_checker(carrying_key)]) as sandbox:
+    with car.Sandbox([load_checker(carrying_key)]) as sandbox:
         result = car.verify(sandbox, ["pick up the key"], expert, random_play, sandbox.load_errors)
     assert result.accepted and result.expert_completed == [3], result.failing
 
@@ -358,7 +360,7 @@ def test_state_programs_read_the_symbolic_view():
 def test_dense_reward_counts_each_subtask_once_in_order():
     """Two sub-tasks on 1x1 "frames": value >= 1, then value >= 2. Both may complete in one frame; an ended episode's
     last frame still counts, then its progress starts again; an env done with every sub-task is not checked."""
-    programs = [car.load_checker(f"def check(frame):\n    return bool(frame[0, 0, 0] >= {k})") for k in (1, 2)]
+    programs = [load_checker(f"def check(frame):\n    return bool(frame[0, 0, 0] >= {k})") for k in (1, 2)]
 
     def frames(*values: int) -> np.ndarray:
         return np.array(values, dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(3, axis=3)
