@@ -141,6 +141,7 @@ if __name__ == "__main__":
     parser.add_argument("--breakdown", action="store_true", help="time the parts of one iteration instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.distributions.Distribution.set_default_validate_args(False)  # as the script runs
     if args.breakdown:  # the best ratio possible if the forward passes cost nothing: env / (env in loop + update)
         columns = ["env", "env in loop", "forward", "update", "linear update"]
         print(f"{'env':<26}{'envs':>6}" + "".join(f"{c + ' ms':>{len(c) + 6}}" for c in columns) + f"{'bound':>7}{'linear':>8}")
