@@ -1,6 +1,7 @@
 """The coders of vlm_car_reward.py: the VLM that lists sub-tasks and writes the reward programs, either a local
 Hugging Face model (`hf:<id or directory>`, greedy) or any OpenAI-compatible chat-completions server
-(`openai:<model>`); model loading that finds out in seconds whether the Hub can be reached and falls back to the
+(`openai:<model>`); the prompts of stage 1 (`SUBTASK_PROMPT`) and stage 2 (`program_prompt`, `FEEDBACK_PROMPT` for
+a rewrite after a failed verification); model loading that finds out in seconds whether the Hub can be reached and falls back to the
 committed tiny random model for the default id; the --coder flags checked and the coder built from them
 (`check_coder_args`, `build_coder`); and what the replies are read for: the sub-tasks of a numbered list
 (`parse_subtasks`) and the program (`extract_code`), checked at load (`read_program`). Used by vlm_car_reward.py
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from huggingface_hub import try_to_load_from_cache
+from minigrid.core.constants import COLOR_TO_IDX, COLORS, OBJECT_TO_IDX
 from PIL import Image
 
 from car_sandbox import UnsafeCodeError, load_checker
@@ -36,6 +38,57 @@ if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
 CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prompts of stage 1 (sub-tasks) and stage 2 (one program per sub-task, rewritten with stage 3's report)
+# ---------------------------------------------------------------------------------------------------------------------
+SUBTASK_PROMPT = (
+    "The two images show a grid world from above: the first at the start of an episode, the second at its end, after "
+    "an expert completed the task. The agent is the red triangle. The task: {mission}.\n"
+    "Break the task into the sub-tasks the agent completes, in order, each one visible in a single image of the grid. "
+    "Answer with a numbered list, one short sub-task per line (at most {max_subtasks}), and nothing else."
+)
+FRAME_INPUT = (
+    "`frame` is a numpy uint8 array of shape ({height}, {width}, 3), RGB: the whole grid seen from above (the image "
+    "shows the start of an episode), {cols} x {rows} cells of {tile} x {tile} pixels; cell (x, y) covers "
+    "frame[y*{tile}:(y+1)*{tile}, x*{tile}:(x+1)*{tile}]. Walls are grey {grey}, the goal is a green square, the agent "
+    "is a red triangle, and keys, doors, balls and boxes are drawn in their colour; a locked door is a filled square, "
+    "an open door a thin bar at the side of its cell, and an object the agent carries is not drawn. Colours (RGB): "
+    "{colours}."
+)
+STATE_INPUT = (
+    "`frame` is a numpy uint8 array of shape (7, 7, 5): the agent's 7 x 7 view, frame[x, y], the agent at frame[3, 6] "
+    "looking towards y = 0 (its own cell holds what it carries). Channel 0 is the object ({objects}), channel 1 the "
+    "colour ({colours}), channel 2 the state (doors: 0 open, 1 closed, 2 locked), channels 3 and 4 the mission's "
+    "target object and colour + 1 (0: none)."
+)
+PROGRAM_PROMPT = (
+    "A grid world. The task: {mission}. Its sub-tasks, in order:\n{subtasks}\n"
+    "Write a Python function `def check(frame) -> bool` that returns True exactly when sub-task {k} ({subtask}) has "
+    "been completed in the observation `frame`, and False before. {input}\n"
+    "numpy is available as `np` and the math module as `math`; nothing else can be imported, names starting with an "
+    "underscore are not allowed, and the function must not read or write files. Answer with the code in one "
+    "```python block."
+)
+FEEDBACK_PROMPT = (
+    "\n\nYour previous program for this sub-task was:\n```python\n{code}\n```\nIt failed verification on expert and "
+    "random trajectories: {report}. Write a corrected program."
+)
+
+
+def program_prompt(mission: str, subtasks: Sequence[str], k: int, checker_input: str, frame_shape: tuple[int, ...],
+                   grid: tuple[int, int], tile: int) -> str:
+    """The stage-2 prompt for sub-task k: the task, all sub-tasks, and what `frame` holds."""
+    if checker_input == "frame":
+        colours = ", ".join(f"{name} {tuple(int(v) for v in rgb)}" for name, rgb in COLORS.items())
+        described = FRAME_INPUT.format(height=frame_shape[0], width=frame_shape[1], cols=grid[0], rows=grid[1],
+                                       tile=tile, grey=tuple(int(v) for v in COLORS["grey"]), colours=colours)
+    else:
+        described = STATE_INPUT.format(objects=", ".join(f"{i} {name}" for name, i in OBJECT_TO_IDX.items()),
+                                       colours=", ".join(f"{i} {name}" for name, i in COLOR_TO_IDX.items()))
+    listed = "\n".join(f"{i + 1}. {subtask}" for i, subtask in enumerate(subtasks))
+    return PROGRAM_PROMPT.format(mission=mission, subtasks=listed, k=k + 1, subtask=subtasks[k], input=described)
 
 
 def coder_kind(coder: str) -> Literal["hf", "openai"] | None:

@@ -8,8 +8,8 @@
 # the same programs and each env's sub-task progress) and its evaluation of the saved model (no videos here).
 # Generated code is hostile input: it is checked at load (`load_checker`) and runs only in a worker process with
 # restricted builtins, numpy and math behind allowlists, and OS limits (`Sandbox`); both live in car_sandbox.py, with
-# the folder the accepted programs are saved to. The coder backends (a local VLM, an OpenAI-compatible server), model
-# loading, the --coder flags and reading the sub-tasks and the program out of a reply live in car_coders.py.
+# the folder the accepted programs are saved to. How the coder is asked and read lives in car_coders.py: the prompts of
+# stages 1 and 2, the backends (a local VLM, an OpenAI-compatible server), model loading and the --coder flags.
 import operator
 import os
 import random
@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 import torch.optim as optim
 import tyro
-from minigrid.core.constants import COLOR_TO_IDX, COLORS, OBJECT_TO_IDX
 from minigrid.minigrid_env import MiniGridEnv
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
-from car_coders import DEFAULT_MODEL_ID, CoderUnavailable, build_coder, check_coder_args, parse_subtasks, read_program
+from car_coders import DEFAULT_MODEL_ID, FEEDBACK_PROMPT, SUBTASK_PROMPT, CoderUnavailable, build_coder
+from car_coders import check_coder_args, parse_subtasks, program_prompt, read_program
 from car_sandbox import Sandbox, load_programs, save_programs
 
 ALGORITHM = "vlm_car_reward"
@@ -155,40 +155,6 @@ class Args:
 # ---------------------------------------------------------------------------------------------------------------------
 # Stages 1 to 3: sub-tasks, programs, verification
 # ---------------------------------------------------------------------------------------------------------------------
-SUBTASK_PROMPT = (
-    "The two images show a grid world from above: the first at the start of an episode, the second at its end, after "
-    "an expert completed the task. The agent is the red triangle. The task: {mission}.\n"
-    "Break the task into the sub-tasks the agent completes, in order, each one visible in a single image of the grid. "
-    "Answer with a numbered list, one short sub-task per line (at most {max_subtasks}), and nothing else."
-)
-FRAME_INPUT = (
-    "`frame` is a numpy uint8 array of shape ({height}, {width}, 3), RGB: the whole grid seen from above (the image "
-    "shows the start of an episode), {cols} x {rows} cells of {tile} x {tile} pixels; cell (x, y) covers "
-    "frame[y*{tile}:(y+1)*{tile}, x*{tile}:(x+1)*{tile}]. Walls are grey {grey}, the goal is a green square, the agent "
-    "is a red triangle, and keys, doors, balls and boxes are drawn in their colour; a locked door is a filled square, "
-    "an open door a thin bar at the side of its cell, and an object the agent carries is not drawn. Colours (RGB): "
-    "{colours}."
-)
-STATE_INPUT = (
-    "`frame` is a numpy uint8 array of shape (7, 7, 5): the agent's 7 x 7 view, frame[x, y], the agent at frame[3, 6] "
-    "looking towards y = 0 (its own cell holds what it carries). Channel 0 is the object ({objects}), channel 1 the "
-    "colour ({colours}), channel 2 the state (doors: 0 open, 1 closed, 2 locked), channels 3 and 4 the mission's "
-    "target object and colour + 1 (0: none)."
-)
-PROGRAM_PROMPT = (
-    "A grid world. The task: {mission}. Its sub-tasks, in order:\n{subtasks}\n"
-    "Write a Python function `def check(frame) -> bool` that returns True exactly when sub-task {k} ({subtask}) has "
-    "been completed in the observation `frame`, and False before. {input}\n"
-    "numpy is available as `np` and the math module as `math`; nothing else can be imported, names starting with an "
-    "underscore are not allowed, and the function must not read or write files. Answer with the code in one "
-    "```python block."
-)
-FEEDBACK_PROMPT = (
-    "\n\nYour previous program for this sub-task was:\n```python\n{code}\n```\nIt failed verification on expert and "
-    "random trajectories: {report}. Write a corrected program."
-)
-
-
 def collect_trajectory(env: gym.Env, seed: int, expert: bool, key: str, max_steps: int | None = None) -> np.ndarray:
     """The frames [T + 1, ...] the programs read in one episode of the env's expert (text_envs.expert_action) or of
     uniformly random actions, from reset(seed) to the last observation, cut after `max_steps` steps."""
@@ -241,20 +207,6 @@ def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[np.ndarra
                f"{len(random_play)} (two or more: {random_two_or_more}, allowed {allowed}), checker errors "
                f"{sandbox.errors}")
     return Verification(not failing, failing, summary, expert_completed, random_completed, random_two_or_more)
-
-
-def program_prompt(mission: str, subtasks: Sequence[str], k: int, checker_input: str, frame_shape: tuple[int, ...],
-                   grid: tuple[int, int], tile: int) -> str:
-    """The stage-2 prompt for sub-task k: the task, all sub-tasks, and what `frame` holds."""
-    if checker_input == "frame":
-        colours = ", ".join(f"{name} {tuple(int(v) for v in rgb)}" for name, rgb in COLORS.items())
-        described = FRAME_INPUT.format(height=frame_shape[0], width=frame_shape[1], cols=grid[0], rows=grid[1],
-                                       tile=tile, grey=tuple(int(v) for v in COLORS["grey"]), colours=colours)
-    else:
-        described = STATE_INPUT.format(objects=", ".join(f"{i} {name}" for name, i in OBJECT_TO_IDX.items()),
-                                       colours=", ".join(f"{i} {name}" for name, i in COLOR_TO_IDX.items()))
-    listed = "\n".join(f"{i + 1}. {subtask}" for i, subtask in enumerate(subtasks))
-    return PROGRAM_PROMPT.format(mission=mission, subtasks=listed, k=k + 1, subtask=subtasks[k], input=described)
 
 
 class NoPrograms(Exception):
