@@ -1,10 +1,10 @@
-"""The coders of vlm_car_reward.py: the VLM that lists sub-tasks and writes the reward programs, either a local
+"""The coders of vlm_car_reward.py: the VLM that lists the sub-tasks and writes the reward programs, either a local
 Hugging Face model (`hf:<id or directory>`, greedy) or any OpenAI-compatible chat-completions server
-(`openai:<model>`); the prompts of stage 1 (`SUBTASK_PROMPT`) and stage 2 (`program_prompt`, `FEEDBACK_PROMPT` for
-a rewrite after a failed verification); model loading that finds out in seconds whether the Hub can be reached and falls back to the
-committed tiny random model for the default id; the --coder flags checked and the coder built from them
-(`check_coder_args`, `build_coder`); and what the replies are read for: the sub-tasks of a numbered list
-(`parse_subtasks`) and the program (`extract_code`), checked at load (`read_program`). Used by vlm_car_reward.py
+(`openai:<model>`). Here are stage 1 (`list_subtasks`: `SUBTASK_PROMPT`, its numbered list read by `parse_subtasks`)
+and the prompts of stage 2 (`program_prompt`, `FEEDBACK_PROMPT` for a rewrite after a failed verification), with the
+program read from the reply (`extract_code`) and checked at load (`read_program`); model loading that finds out in
+seconds whether the Hub can be reached and falls back to the committed tiny random model for the default id; and the
+--coder flags checked and the coder built from them (`check_coder_args`, `build_coder`). Used by vlm_car_reward.py
 only."""
 
 import ast
@@ -38,6 +38,11 @@ if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
 CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
+MAX_SUBTASKS = 8
+
+
+class NoPrograms(Exception):
+    """No reward programs passed verification; the message says why (one sentence, without its full stop)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,6 +240,21 @@ def load_coder_model(model_id: str, device: torch.device) -> tuple[nn.Module, ob
     ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model.generation_config = GenerationConfig(**ids)
     return model, processor
+
+
+def list_subtasks(coder: Callable[[str, Sequence[np.ndarray]], str], mission: str, first: np.ndarray,
+                  last: np.ndarray, attempts: int, log: Callable[[str], None]) -> list[str]:
+    """Stage 1: the sub-tasks that the coder lists from the first and the last frame of an expert episode, asked up
+    to `attempts` times for a numbered list."""
+    reply = ""
+    for attempt in range(attempts):
+        reply = coder(SUBTASK_PROMPT.format(mission=mission, max_subtasks=MAX_SUBTASKS), [first, last])
+        subtasks = parse_subtasks(reply)[:MAX_SUBTASKS]
+        log(f"stage 1, attempt {attempt + 1}: sub-tasks {subtasks}")
+        if subtasks:
+            return subtasks
+    raise NoPrograms(f"The coder listed no sub-tasks (a numbered list) in {attempts} attempt(s), so there are no "
+                     f"reward programs (its last reply began {reply[:80]!r})")
 
 
 def check_coder_args(args: "Args") -> None:

@@ -4,7 +4,8 @@ Generated code is hostile input. `load_checker(code)` refuses, with `UnsafeCodeE
 more than numpy, math and a few builtins, or reaches for names, attributes or strings through which Python
 leads to files, processes or the interpreter's internals. `Sandbox` runs the accepted programs in a fresh
 `python -I` worker of its own with the same allowlists and OS limits, and stands it up again when a program
-hangs or kills it. `save_programs` and `load_programs` write and read back a folder of accepted programs
+hangs or kills it; `SubtaskProgress` keeps, over a vector env, the sub-task each env is at and sends each env's
+frame to its next program. `save_programs` and `load_programs` write and read back a folder of accepted programs
 (`subtask_<k>.py` and `programs.json`); what is read back goes through `load_checker` again. Only
 vlm_car_reward.py uses this file; it lives apart so that the one piece that must be audited as a whole can be
 read as a whole.
@@ -413,6 +414,34 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SubtaskProgress:
+    """The sub-tasks that each env of a vector env has completed, in order, in its episode, checked by the worker.
+    `submit` sends the frames of a vector step, each env's next not-yet-completed program first in line, in one worker
+    call; `collect` (called one step later: the worker checks while the agent acts) returns the sub-tasks each env
+    completed in that step, and the sub-tasks completed in the episodes that ended in that step, whose progress starts
+    again from 0. An env that has completed every sub-task is not checked again in its episode."""
+
+    def __init__(self, sandbox: Sandbox, num_envs: int):
+        self.sandbox = sandbox
+        self.progress = np.zeros(num_envs, dtype=np.int64)  # sub-tasks completed, in order, in each env's episode
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None  # the submitted step's active envs and ended envs
+
+    def submit(self, frames: np.ndarray, ended: np.ndarray) -> None:
+        active = np.flatnonzero(self.progress < len(self.sandbox.programs))
+        self.sandbox.submit(self.progress[active].tolist(), [frames[i][None] for i in active])
+        self.pending = (active, ended)
+
+    def collect(self) -> tuple[np.ndarray, list[int]]:
+        active, ended = self.pending
+        self.pending = None
+        new = np.zeros(len(self.progress), dtype=np.int64)
+        new[active] = [len(steps) for steps in self.sandbox.collect()]
+        self.progress += new
+        completed = [int(self.progress[i]) for i in np.flatnonzero(ended)]
+        self.progress[ended] = 0
+        return new, completed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

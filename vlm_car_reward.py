@@ -3,13 +3,11 @@
 # that says from one observation whether the sub-task is done (stage 2). The programs are verified on expert and
 # random trajectories and regenerated with the failure report until they pass (stage 3); then PPO trains on the env
 # reward plus a bonus for each sub-task the first time it completes, in order, within an episode (stage 4). The VLM
-# runs only before training: every reward afterwards costs a program call, not a VLM query.
-# The PPO agent is ppo_cnn_baseline.py's on the "state" observation, with its checkpoints (--resume: the same envs,
-# the same programs and each env's sub-task progress) and its evaluation of the saved model (no videos here).
-# Generated code is hostile input: it is checked at load (`load_checker`) and runs only in a worker process with
-# restricted builtins, numpy and math behind allowlists, and OS limits (`Sandbox`); both live in car_sandbox.py, with
-# the folder the accepted programs are saved to. How the coder is asked and read lives in car_coders.py: the prompts of
-# stages 1 and 2, the backends (a local VLM, an OpenAI-compatible server), model loading and the --coder flags.
+# runs only before training: every reward afterwards costs a program call, not a VLM query. The PPO agent is
+# ppo_cnn_baseline.py's on the "state" observation, with its checkpoints and its evaluation of the saved model.
+# Generated code is hostile input: car_sandbox.py checks it at load, runs it in a worker process with allowlists and OS
+# limits, tracks each env's sub-task progress and saves the accepted programs. car_coders.py asks the coder and reads
+# its replies (stage 1, stage 2's prompts), with its backends (a local VLM, an OpenAI-compatible server).
 import operator
 import os
 import random
@@ -30,9 +28,9 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
-from car_coders import DEFAULT_MODEL_ID, FEEDBACK_PROMPT, SUBTASK_PROMPT, CoderUnavailable, build_coder
-from car_coders import check_coder_args, parse_subtasks, program_prompt, read_program
-from car_sandbox import Sandbox, load_programs, save_programs
+from car_coders import DEFAULT_MODEL_ID, FEEDBACK_PROMPT, CoderUnavailable, NoPrograms, build_coder, check_coder_args
+from car_coders import list_subtasks, program_prompt, read_program
+from car_sandbox import Sandbox, SubtaskProgress, load_programs, save_programs
 
 ALGORITHM = "vlm_car_reward"
 # flags that fix the envs, the frames the programs read and the network: a checkpoint resumes only with the same values
@@ -42,7 +40,6 @@ MAX_RANDOM_SHARE = 0.1  # SPEC §4: at most 10% of random trajectories may compl
 # Random trajectories are cut at this many times the longest expert trajectory: whole random episodes of
 # DoorKey-8x8 (640 steps) open the door in ~15% of them, and SPEC's 10% test would refuse exact programs.
 RANDOM_LENGTH = 4
-MAX_SUBTASKS = 8
 STATE, FRAME = 0, 1  # the training envs' observation: (the agent's input, what the programs read)
 
 
@@ -209,10 +206,6 @@ def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[np.ndarra
     return Verification(not failing, failing, summary, expert_completed, random_completed, random_two_or_more)
 
 
-class NoPrograms(Exception):
-    """No reward programs passed verification; the message says why (one sentence, without its full stop)."""
-
-
 def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env: gym.Env, args: Args,
                           expert: Sequence[np.ndarray], random_play: Sequence[np.ndarray], grid: tuple[int, int],
                           log: Callable[[str], None]) -> tuple[list[str], list[str]]:
@@ -220,16 +213,7 @@ def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env
     rounds of verification in which the failing programs are rewritten with the failure report."""
     shown = collect_trajectory(env, VERIFY_SEED - 1, expert=True, key="image")
     mission = env.unwrapped.mission
-    subtasks: list[str] = []
-    for attempt in range(args.max_rounds):  # stage 1
-        reply = coder(SUBTASK_PROMPT.format(mission=mission, max_subtasks=MAX_SUBTASKS), [shown[0], shown[-1]])
-        subtasks = parse_subtasks(reply)[:MAX_SUBTASKS]
-        log(f"stage 1, attempt {attempt + 1}: sub-tasks {subtasks}")
-        if subtasks:
-            break
-    if not subtasks:
-        raise NoPrograms(f"The coder listed no sub-tasks (a numbered list) in {args.max_rounds} attempt(s), so there "
-                         f"are no reward programs (its last reply began {reply[:80]!r})")
+    subtasks = list_subtasks(coder, mission, shown[0], shown[-1], args.max_rounds, log)  # stage 1
     codes = [""] * len(subtasks)  # the code as the coder wrote it, shown back with the failure report
     programs, load_errors = [""] * len(subtasks), [None] * len(subtasks)  # what the worker runs; why not the code
     to_write = dict.fromkeys(range(len(subtasks)), "")  # sub-task -> the failure report of its last program
@@ -357,46 +341,17 @@ def compute_gae(
     return advantages, advantages + values
 
 
-class SubtaskRewards:
-    """Stage 4's dense reward. `submit` sends the frames of a vector step, each env's next not-yet-completed program
-    first in line, in one worker call; `collect` (called one step later: the worker checks while the agent acts)
-    returns that step's bonus per env, `bonus` for each sub-task completed in order, and the sub-tasks completed in
-    the episodes that ended in that step, whose progress starts again from 0."""
-
-    def __init__(self, sandbox: Sandbox, num_envs: int, bonus: float):
-        self.sandbox, self.bonus = sandbox, bonus
-        self.progress = np.zeros(num_envs, dtype=np.int64)  # sub-tasks completed, in order, in each env's episode
-        self.pending: tuple[np.ndarray, np.ndarray] | None = None  # the submitted step's active envs and ended envs
-
-    def submit(self, frames: np.ndarray, ended: np.ndarray) -> None:
-        active = np.flatnonzero(self.progress < len(self.sandbox.programs))
-        self.sandbox.submit(self.progress[active].tolist(), [frames[i][None] for i in active])
-        self.pending = (active, ended)
-
-    def collect(self) -> tuple[np.ndarray, list[int]]:
-        active, ended = self.pending
-        self.pending = None
-        new = np.zeros(len(self.progress), dtype=np.int64)
-        new[active] = [len(steps) for steps in self.sandbox.collect()]
-        self.progress += new
-        completed = [int(self.progress[i]) for i in np.flatnonzero(ended)]
-        self.progress[ended] = 0
-        return self.bonus * new, completed
-
-
 def grid_size(env_id: str) -> tuple[int, int]:
     """(width, height) in cells of a text_envs grid env; one clear sentence for anything else."""
     try:
         env = text_envs.make_env(env_id, with_image=False)
-    except ValueError:
-        raise SystemExit(f"Unknown --env-id {env_id!r}: use one of {', '.join(text_envs.GRID_ENVS)}, or a full "
-                         "MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-8x8-v0.") from None
-    u = env.unwrapped
+    except ValueError:  # an unknown id
+        env = None
+    if env is None or not isinstance(env.unwrapped, MiniGridEnv):
+        raise SystemExit(f"--env-id {env_id!r} is not a grid env: use one of {', '.join(text_envs.GRID_ENVS)}, "
+                         "or a full MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-8x8-v0.")
     env.close()
-    if not isinstance(u, MiniGridEnv):
-        raise SystemExit(f"--env-id {env_id} is not a grid env: VLM-CaR here runs on {', '.join(text_envs.GRID_ENVS)} "
-                         "or a full MiniGrid-* / BabyAI-* id.")
-    return u.width, u.height
+    return env.unwrapped.width, env.unwrapped.height
 
 
 def check_args(args: Args) -> tuple[int, int]:
@@ -420,8 +375,7 @@ def check_args(args: Args) -> tuple[int, int]:
     if coder_writes and args.num_expert < 1:
         raise SystemExit("--num-expert must be >= 1 when the coder writes the programs: verification needs experts.")
     if args.tile_size < 4 or args.checker_timeout <= 0 or args.checker_memory_mb < 256:
-        raise SystemExit("--tile-size must be >= 4 pixels, --checker-timeout > 0 seconds and --checker-memory-mb "
-                         ">= 256.")
+        raise SystemExit("--tile-size must be >= 4, --checker-timeout > 0 and --checker-memory-mb >= 256.")
     return grid_size(args.env_id)
 
 
@@ -598,7 +552,7 @@ if __name__ == "__main__":
         envs = make_envs(args, image_size, key if programs else None)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     sandbox = Sandbox(programs, args.checker_timeout, args.checker_memory_mb) if programs else None
-    dense = SubtaskRewards(sandbox, args.num_envs, args.subtask_bonus) if programs else None
+    dense = SubtaskProgress(sandbox, args.num_envs) if programs else None
 
     agent = Agent(envs).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -661,9 +615,9 @@ if __name__ == "__main__":
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             if dense is not None:
                 if dense.pending is not None:  # the previous step's frames, checked while the agent acted
-                    bonus, completed = dense.collect()
-                    rewards[step - 1] += torch.as_tensor(bonus, dtype=torch.float32, device=device)
-                    step_bonus.append(bonus.mean())
+                    new, completed = dense.collect()
+                    rewards[step - 1] += torch.as_tensor(args.subtask_bonus * new, dtype=torch.float32, device=device)
+                    step_bonus.append(args.subtask_bonus * new.mean())
                     episode_subtasks += completed
                 # stage 4: the programs read the frame this step produced (an ended episode's last one, not the reset)
                 frames = next_obs[FRAME].copy()
@@ -689,9 +643,9 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
 
         if dense is not None:  # the rollout's last step: env reward + a bonus per sub-task completed in order
-            bonus, completed = dense.collect()
-            rewards[-1] += torch.as_tensor(bonus, dtype=torch.float32, device=device)
-            step_bonus.append(bonus.mean())
+            new, completed = dense.collect()
+            rewards[-1] += torch.as_tensor(args.subtask_bonus * new, dtype=torch.float32, device=device)
+            step_bonus.append(args.subtask_bonus * new.mean())
             episode_subtasks += completed
 
         # bootstrap value if not done

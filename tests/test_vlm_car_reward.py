@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import text_envs
 import vlm_car_reward as car
 from car_coders import extract_code, parse_subtasks
-from car_sandbox import UnsafeCodeError, load_checker, load_programs, save_programs
+from car_sandbox import SubtaskProgress, UnsafeCodeError, load_checker, load_programs, save_programs
 
 SCRIPT = str(Path(car.__file__).resolve())
 REFERENCE = Path(car.__file__).resolve().parent / "reference_programs"
@@ -241,6 +241,20 @@ def test_end_to_end_with_reference_programs(tmp_path, monkeypatch, capsys):
     assert {"reward/checker_errors", "reward/bonus_per_step", "losses/value_loss", "charts/SPS"} <= scalar_tags(run)
 
 
+def test_bonus_per_subtask_once_per_episode_in_the_rewards(tmp_path, monkeypatch):
+    """Two always-true programs: each env completes both sub-tasks in the first step of its episode (2 x 0.5 reward)
+    and nothing after, as no DoorKey-8x8 episode ends within 128 steps."""
+    folder = tmp_path / "programs"
+    save_programs(folder, DOORKEY8, "frame", 8, ["always", "always again"], ["def check(frame):\n    return True\n"] * 2)
+    run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs", str(folder),
+                "--num-expert", "0", "--num-random", "0", "--subtask-bonus", "0.5", *TINY, "--total-timesteps", "128")
+    (run,) = (tmp_path / "runs").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    # iteration 1: 2 envs x 2 sub-tasks x 0.5 over 2 x 32 steps; iteration 2: no bonus
+    assert [e.value for e in events.Scalars("reward/bonus_per_step")] == [2 * 2 * 0.5 / 64, 0.0]
+
+
 def test_training_goes_on_with_misbehaving_programs(tmp_path, monkeypatch, capsys):
     """A program that raises at every call and hangs the worker now and then: counted, the worker restarted, the
     run completes."""
@@ -331,8 +345,8 @@ def test_programs_that_never_pass_end_in_one_sentence(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--env-id", "NoSuchEnv"], r"^Unknown --env-id 'NoSuchEnv': use one of Fetch, "),
-    (["--env-id", "FrozenLake8x8"], r"^--env-id FrozenLake8x8 is not a grid env"),
+    (["--env-id", "NoSuchEnv"], r"^--env-id 'NoSuchEnv' is not a grid env: use one of Fetch, "),
+    (["--env-id", "FrozenLake8x8"], r"^--env-id 'FrozenLake8x8' is not a grid env"),
     (["--coder", "gpt-4o"], r"^--coder 'gpt-4o' is not a coder: use hf:"),
     (["--coder", "openai:gpt-4o"], r"^--coder openai:gpt-4o needs --coder-base-url"),
     (["--reward-programs", str(REFERENCE / "DoorKey-8x8")],
@@ -357,7 +371,7 @@ def test_state_programs_read_the_symbolic_view():
     assert result.accepted and result.expert_completed == [3], result.failing
 
 
-def test_dense_reward_counts_each_subtask_once_in_order():
+def test_subtask_progress_counts_each_subtask_once_in_order():
     """Two sub-tasks on 1x1 "frames": value >= 1, then value >= 2. Both may complete in one frame; an ended episode's
     last frame still counts, then its progress starts again; an env done with every sub-task is not checked."""
     programs = [load_checker(f"def check(frame):\n    return bool(frame[0, 0, 0] >= {k})") for k in (1, 2)]
@@ -366,18 +380,18 @@ def test_dense_reward_counts_each_subtask_once_in_order():
         return np.array(values, dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(3, axis=3)
 
     with car.Sandbox(programs) as sandbox:
-        dense = car.SubtaskRewards(sandbox, num_envs=3, bonus=0.5)
+        dense = SubtaskProgress(sandbox, num_envs=3)
         dense.submit(frames(2, 1, 0), np.array([False, True, False]))
-        bonus, completed = dense.collect()
-        assert bonus.tolist() == [1.0, 0.5, 0.0] and completed == [1]
+        new, completed = dense.collect()
+        assert new.tolist() == [2, 1, 0] and completed == [1]
         assert dense.progress.tolist() == [2, 0, 0]
         dense.submit(frames(0, 2, 1), np.array([False, False, False]))
-        bonus, completed = dense.collect()
-        assert bonus.tolist() == [0.0, 1.0, 0.5] and completed == []  # env 0 is not asked again
+        new, completed = dense.collect()
+        assert new.tolist() == [0, 2, 1] and completed == []  # env 0 is not asked again
         assert dense.progress.tolist() == [2, 2, 1]
         dense.submit(frames(2, 2, 1), np.array([True, False, False]))
-        bonus, completed = dense.collect()
-        assert bonus.tolist() == [0.0, 0.0, 0.0] and completed == [2]
+        new, completed = dense.collect()
+        assert new.tolist() == [0, 0, 0] and completed == [2]
         assert dense.progress.tolist() == [0, 2, 1]
 
 
