@@ -9,8 +9,9 @@ the script's own envs and one CPU thread: 4 envs with CleanRL's defaults otherwi
 script reports at its last iteration (startup excluded, as in CleanRL).
 
 --breakdown times the parts of an iteration separately. Env steps cost more inside the rollout, between the
-agent's forward passes, than in a loop of their own. The update is timed for the script's agent and for a
-linear agent (one layer per head), the cheapest there is: its bound says what no network could beat.
+agent's forward passes, than in a loop of their own. The rollout and the update are timed for the script's
+agent and for a linear agent (one layer per head), the cheapest there is: its ratio says what no network
+could beat.
 """
 
 import argparse
@@ -63,9 +64,10 @@ class LinearAgent(torch.nn.Module):
         self.actor = torch.nn.Linear(size, envs.single_action_space.n)
         self.critic = torch.nn.Linear(size, 1)
 
-    def get_action_and_value(self, x, action):
+    def get_action_and_value(self, x, action=None):
         x = x.flatten(1)
         probs = Categorical(logits=self.actor(x))
+        action = probs.sample() if action is None else action
         return action, probs.log_prob(action), probs.entropy(), self.critic(x)
 
 
@@ -91,18 +93,11 @@ def update_seconds(agent, args, envs, minibatch_size: int) -> float:
     return seconds_per_call(minibatch_update, 50)
 
 
-def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> dict[str, float]:
-    """Milliseconds per iteration (num_envs x 128 steps, --obs state): env steps with random actions alone,
-    env steps and the agent's forward passes as the rollout alternates them, and the update epochs with
-    the script's agent and with a linear one."""
-    args = ppo.Args(env_id=env_id, obs="state", num_envs=num_envs, num_minibatches=num_minibatches)
-    envs = ppo.make_envs(args, run_name="")
-    obs, _ = envs.reset(seed=0)
-    envs.action_space.seed(0)
-    env_alone = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
-    agent = ppo.Agent(envs, "state")
+def rollout_seconds(agent, envs, obs, steps: int = 300) -> tuple[float, float]:
+    """Mean seconds per rollout step in the env and in the agent's forward pass, in the rollout's order (a
+    forward pass, then the env step), after 10 warm-up steps."""
     forward = env_in_loop = 0.0
-    for step in range(-10, 300):  # the rollout's order: a forward pass, then the env step; 10 warm-up steps
+    for step in range(-10, steps):
         start = time.perf_counter()
         with torch.no_grad():
             action = agent.get_action_and_value(torch.as_tensor(obs, dtype=torch.float32))[0]
@@ -110,14 +105,28 @@ def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> dic
         obs = envs.step(action.numpy())[0]
         if step >= 0:
             forward, env_in_loop = forward + middle - start, env_in_loop + time.perf_counter() - middle
+    return env_in_loop / steps, forward / steps
+
+
+def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> dict[str, float]:
+    """Milliseconds per iteration (num_envs x 128 steps, --obs state): env steps with random actions alone,
+    env steps and forward passes as the rollout alternates them, and the update epochs, for the script's
+    agent and for a linear one."""
+    args = ppo.Args(env_id=env_id, obs="state", num_envs=num_envs, num_minibatches=num_minibatches)
+    envs = ppo.make_envs(args, run_name="")
+    obs, _ = envs.reset(seed=0)
+    envs.action_space.seed(0)
+    env_alone = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
     minibatch_size = num_envs * args.num_steps // num_minibatches
     updates = args.update_epochs * num_minibatches
-    update = update_seconds(agent, args, envs, minibatch_size) * updates
-    linear_update = update_seconds(LinearAgent(envs), args, envs, minibatch_size) * updates
+    ms = {"env": env_alone * 1000 * args.num_steps}
+    for prefix, agent in (("", ppo.Agent(envs, "state")), ("linear ", LinearAgent(envs))):
+        env_in_loop, forward = rollout_seconds(agent, envs, obs)
+        ms[prefix + "env in loop"] = env_in_loop * 1000 * args.num_steps
+        ms[prefix + "forward"] = forward * 1000 * args.num_steps
+        ms[prefix + "update"] = update_seconds(agent, args, envs, minibatch_size) * updates * 1000
     envs.close()
-    ms = 1000 * args.num_steps
-    return {"env": env_alone * ms, "env in loop": env_in_loop / 300 * ms, "forward": forward / 300 * ms,
-            "update": update * 1000, "linear update": linear_update * 1000}
+    return ms
 
 
 def training_sps(env_id: str, obs: str, num_envs: int, total_timesteps: int) -> float:
@@ -142,14 +151,14 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.distributions.Distribution.set_default_validate_args(False)  # as the script runs
-    if args.breakdown:  # the best ratio possible if the forward passes cost nothing: env / (env in loop + update)
-        columns = ["env", "env in loop", "forward", "update", "linear update"]
+    if args.breakdown:  # bound: the ratio if the forward passes cost nothing; linear: a linear agent's ratio
+        columns = ["env", "env in loop", "forward", "update", "linear env in loop", "linear forward", "linear update"]
         print(f"{'env':<26}{'envs':>6}" + "".join(f"{c + ' ms':>{len(c) + 6}}" for c in columns) + f"{'bound':>7}{'linear':>8}")
         for env_id in args.env_ids:
             for num_envs in args.num_envs:
                 ms = iteration_breakdown(env_id, num_envs, 4 if num_envs <= 4 else 8)
                 bound = ms["env"] / (ms["env in loop"] + ms["update"])
-                linear = ms["env"] / (ms["env in loop"] + ms["linear update"])
+                linear = ms["env"] / (ms["linear env in loop"] + ms["linear forward"] + ms["linear update"])
                 print(f"{env_id:<26}{num_envs:>6}" + "".join(f"{ms[c]:>{len(c) + 6}.0f}" for c in columns)
                       + f"{bound:>7.2f}{linear:>8.2f}", flush=True)
         sys.exit()
