@@ -93,9 +93,10 @@ def update_seconds(agent, args, envs, minibatch_size: int) -> float:
     return seconds_per_call(minibatch_update, 50)
 
 
-def rollout_seconds(agent, envs, obs, steps: int = 300) -> tuple[float, float]:
+def rollout_seconds(agent, envs, steps: int = 300) -> tuple[float, float]:
     """Mean seconds per rollout step in the env and in the agent's forward pass, in the rollout's order (a
-    forward pass, then the env step), after 10 warm-up steps."""
+    forward pass, then the env step), from the same reset for every agent, after 10 warm-up steps."""
+    obs, _ = envs.reset(seed=0)
     forward = env_in_loop = 0.0
     for step in range(-10, steps):
         start = time.perf_counter()
@@ -114,14 +115,14 @@ def iteration_breakdown(env_id: str, num_envs: int, num_minibatches: int) -> dic
     agent and for a linear one."""
     args = ppo.Args(env_id=env_id, obs="state", num_envs=num_envs, num_minibatches=num_minibatches)
     envs = ppo.make_envs(args, run_name="")
-    obs, _ = envs.reset(seed=0)
+    envs.reset(seed=0)
     envs.action_space.seed(0)
     env_alone = seconds_per_call(lambda: envs.step(envs.action_space.sample()), 300)
     minibatch_size = num_envs * args.num_steps // num_minibatches
     updates = args.update_epochs * num_minibatches
     ms = {"env": env_alone * 1000 * args.num_steps}
     for prefix, agent in (("", ppo.Agent(envs, "state")), ("linear ", LinearAgent(envs))):
-        env_in_loop, forward = rollout_seconds(agent, envs, obs)
+        env_in_loop, forward = rollout_seconds(agent, envs)
         ms[prefix + "env in loop"] = env_in_loop * 1000 * args.num_steps
         ms[prefix + "forward"] = forward * 1000 * args.num_steps
         ms[prefix + "update"] = update_seconds(agent, args, envs, minibatch_size) * updates * 1000
