@@ -107,6 +107,8 @@ class Args:
     """the most tokens the VLM writes per step"""
     thought_coef: float = 0.5
     """lambda: the weight of the thought tokens' log-prob in log pi (eq. 2; 0.5 for GymCards in the paper)"""
+    image_splitting: bool = False
+    """let the processor cut a frame into several tiles (SmolVLM / Idefics3, LLaVA-NeXT); default: one tile per frame"""
     cot: bool = True
     """whether the prompt asks for thoughts before the action (--no-cot: the paper's action-only ablation)"""
 
@@ -258,6 +260,22 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
     return model, processor
 
 
+def configure_image_processor(model: PreTrainedModel, processor: object, image_splitting: bool) -> None:
+    """One tile per frame unless `image_splitting`: env frames are small, and SmolVLM's own settings (longest edge
+    2048, 512-px tiles) turn a 256-px frame into 17 tiles and 1088 image tokens. LLaVA-NeXT keeps the fewest tiles
+    it takes (its base image and one crop); Qwen2-VL already scales its tokens to the frame's pixels."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or image_splitting:
+        return
+    if getattr(image_processor, "do_image_splitting", False):  # Idefics2 / Idefics3 / SmolVLM
+        image_processor.do_image_splitting = False
+    if isinstance(getattr(image_processor, "max_image_size", None), dict):  # Idefics3: resize straight to one tile
+        image_processor.size = {"longest_edge": image_processor.max_image_size["longest_edge"]}
+    if getattr(image_processor, "image_grid_pinpoints", None):  # LLaVA-NeXT: processor and model must agree
+        crop = image_processor.crop_size
+        image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[crop["height"], crop["width"]]]
+
+
 def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) -> nn.Module:
     """Freeze the base model and add LoRA adapters to the matching modules (the only VLM weights that train)."""
     for param in model.parameters():
@@ -370,13 +388,14 @@ class Output(NamedTuple):
 
 def generate(model: nn.Module, processor: object, prompts: Sequence[str], images: np.ndarray, temperature: float,
              max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one output per prompt, the whole batch at once with the KV cache: [B, max_new_tokens] ids and their mask,
+    """Sample one output per prompt (temperature 0: greedy), the whole batch at once with the KV cache: [B, max_new_tokens] ids and their mask,
     the raw next-token logits of each sampled position [B, T, V], and the last layer's state at the last prompt token."""
     tokenizer = processor.tokenizer
     ends = model.generation_config.eos_token_id  # the model's end tokens (SmolVLM: <end_of_utterance>) and the tokenizer's
     ends = sorted(set([ends] if isinstance(ends, int) else ends or []) | {tokenizer.eos_token_id} - {None})
     enc = encode_prompts(processor, prompts, images, model.device)
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens,
                               eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
                               suppress_tokens=unscorable_token_ids(model) or None, return_dict_in_generate=True,
                               output_logits=True, output_hidden_states=True)
@@ -431,6 +450,21 @@ def split_log_prob(logits: torch.Tensor, hidden: torch.Tensor, output: Output, t
         entropy = torch.where(mask, torch.special.entr(logprobs.exp()).sum(-1), 0.0).sum(-1) / mask.sum(-1)
     # eq. 2: log pi(a | o, v_in) = lambda * log p(thought) + log p(action)
     return CoTLogProb(thought_coef * thought + action, thought, action, entropy, hidden)
+
+
+def rescore(agent: "Agent", prompts: Sequence[str], images: torch.Tensor, output: Output,
+            minibatch_size: int) -> torch.Tensor:
+    """log pi of stored samples from the update's own forward pass, minibatch_size samples at a time. Under bf16 the
+    generation's cached hidden states differ from one full forward pass by a bf16 step, which moves a log-prob by
+    ~0.005 nats even with an fp32 log-softmax; recomputed this way, PPO's first ratio is exactly 1."""
+    log_prob = torch.zeros(len(prompts), device=output.ids.device)
+    with torch.no_grad():
+        for start in range(0, len(prompts), minibatch_size):
+            inds = list(range(start, min(start + minibatch_size, len(prompts))))
+            _, _, scored, _ = agent.get_action_and_value([prompts[i] for i in inds], images[inds].numpy(),
+                                                         Output(*(x[inds] for x in output)))
+            log_prob[inds] = scored.log_prob
+    return log_prob
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -553,6 +587,7 @@ if __name__ == "__main__":
     envs = make_envs(args.env_id, env_seeds)
     action_names = list(envs.get_attr("action_names")[0])
     model, processor = load_base_model(args.model_id, args.load_in_4bit, device)
+    configure_image_processor(model, processor, args.image_splitting)
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     model.eval()  # no dropout: the rollout and the update score the same policy
     agent = Agent(model, processor, args.temperature, args.max_new_tokens, args.thought_coef)
@@ -685,6 +720,8 @@ if __name__ == "__main__":
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
+        if model.dtype != torch.float32:  # bf16: old log-probs from the update's forward pass, so the first ratio is 1
+            b_logprobs = rescore(agent, b_prompts, b_images, b_output, args.minibatch_size)
         if args.norm_adv:  # over the whole batch, as the authors do: a minibatch of one sample has no spread
             b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
 

@@ -100,6 +100,8 @@ class Args:
     """if toggled, the VLM sees the text description only (the LLM ablation)"""
     image_size: int | None = None
     """pixels of the longer side of the env's image (default: the env's own size); image models only"""
+    image_splitting: bool = False
+    """let the processor cut a frame into several tiles (SmolVLM / Idefics3, LLaVA-NeXT); default: one tile per frame"""
     state_template: str | None = None
     """the state prompt, with {description} and optionally {actions}; default: the paper's template for the env"""
     action_template: str = ACTION_TEMPLATE
@@ -129,7 +131,7 @@ class Args:
     update_epochs: int = 1
     """the K epochs to update the policy"""
     norm_adv: bool = True
-    """Toggles advantages normalization"""
+    """Toggles advantages normalization (over the whole batch: a minibatch holds as few as 2 samples)"""
     clip_coef: float = 0.1
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
@@ -264,6 +266,22 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
         layer.support_avx512bf16_for_cpu = False  # its CPU repacking re-rounds the frozen scales at every checkpoint
     processor = (AutoProcessor if reads_images else AutoTokenizer).from_pretrained(source, local_files_only=offline)
     return model, processor, reads_images
+
+
+def configure_image_processor(model: PreTrainedModel, processor: object, image_splitting: bool) -> None:
+    """One tile per frame unless `image_splitting`: env frames are small, and SmolVLM's own settings (longest edge
+    2048, 512-px tiles) turn a 256-px frame into 17 tiles and 1088 image tokens. LLaVA-NeXT keeps the fewest tiles
+    it takes (its base image and one crop); Qwen2-VL already scales its tokens to the frame's pixels."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or image_splitting:
+        return
+    if getattr(image_processor, "do_image_splitting", False):  # Idefics2 / Idefics3 / SmolVLM
+        image_processor.do_image_splitting = False
+    if isinstance(getattr(image_processor, "max_image_size", None), dict):  # Idefics3: resize straight to one tile
+        image_processor.size = {"longest_edge": image_processor.max_image_size["longest_edge"]}
+    if getattr(image_processor, "image_grid_pinpoints", None):  # LLaVA-NeXT: processor and model must agree
+        crop = image_processor.crop_size
+        image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[crop["height"], crop["width"]]]
 
 
 def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) -> nn.Module:
@@ -460,6 +478,11 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), value
 
 
+def state_template(env_id: str) -> str:
+    """The paper's state prompt for an env: FrozenLake warns of the traps, the others list the actions."""
+    return FROZENLAKE_STATE_TEMPLATE if env_id.startswith("FrozenLake") else LISTING_STATE_TEMPLATE
+
+
 def build_agent(args: Args, action_names: Sequence[str], device: torch.device) -> Agent:
     """The base model with LoRA, wrapped with the value head and the prompt templates."""
     model, processor, reads_images = load_base_model(args.model_id, args.load_in_4bit, device)
@@ -467,10 +490,10 @@ def build_agent(args: Args, action_names: Sequence[str], device: torch.device) -
         raise SystemExit(f"{args.model_id} is a text-only model, so --image-size does not apply: drop it.")
     if not reads_images:
         print(f"{args.model_id} is a text-only model: it reads the text description only.")
+    configure_image_processor(model, processor, args.image_splitting)
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     model.eval()  # no dropout: rollouts and updates score the same policy
-    frozenlake = args.env_id.startswith("FrozenLake")
-    template = args.state_template or (FROZENLAKE_STATE_TEMPLATE if frozenlake else LISTING_STATE_TEMPLATE)
+    template = args.state_template or state_template(args.env_id)
     return Agent(model, processor, action_names, template, args.action_template, args.reduction,
                  with_image=reads_images and not args.no_image)
 
@@ -676,12 +699,14 @@ if __name__ == "__main__":
 
         # flatten the batch
         b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
-        b_images = obs_images.reshape((-1,) + image_shape)
+        b_images = obs_images.flatten(0, 1)  # (0, 0, 3) frames without images: reshape(-1, ...) cannot infer -1
         b_logprobs = logprobs.reshape(-1)
         b_actions = actions.reshape(-1)
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
         b_values = values.reshape(-1)
+        if args.norm_adv:  # over the whole batch, not the authors' per minibatch: 2 samples would become -1 / +1
+            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
 
         # Optimizing the policy and value network
         clipfracs = []
@@ -704,8 +729,6 @@ if __name__ == "__main__":
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
 
                 mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + 1e-8)
 
                 # Policy loss
                 pg_loss1 = -mb_advantages * ratio

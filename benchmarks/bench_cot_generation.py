@@ -188,6 +188,7 @@ def main() -> None:
     results = {"tiny": measure_model("tiny", AutoModelForImageTextToText.from_pretrained(tiny).eval(),
                                      AutoProcessor.from_pretrained(tiny), args, 4 * args.steps, device)}
     model, processor = build_smolvlm_256m_shaped(corpus, args.full_vision)
+    cot.configure_image_processor(model, processor, False)  # one tile per frame, as the script configures it
     results["smolvlm-256m"] = measure_model("smolvlm-256m", model, processor, args, args.steps, device)
 
     print(f"\n| model | rollout ({args.num_envs} envs) | env steps / s | generated tokens / s | tokens per output |")

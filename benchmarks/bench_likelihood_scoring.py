@@ -5,7 +5,8 @@
 The model is Idefics3 with SmolVLM-256M-Instruct's sizes (SigLIP-B/16 at 512 px, 64 image tokens per
 tile; SmolLM2-135M text model: 30 layers, hidden 576, 9 heads, 3 KV heads; vocabulary 49,280) and
 random weights built from the config, so nothing is downloaded; LoRA r=64 / alpha=16 on the text
-model's q/k/v as in the paper. Each env image is one 512-px tile (no image splitting). The tokenizer
+model's q/k/v as in the paper. Each env image is one 512-px tile, as the script
+configures SmolVLM's processor (--image-splitting keeps SmolVLM's own setting: 17 tiles). The tokenizer
 is a byte-level BPE trained here on Fetch descriptions (about one token per word, as with SmolVLM's
 tokenizer). Prompts are real Fetch observations with the paper's templates and its 5 macro actions;
 the defaults are the paper's Fetch setting: 2 envs per rollout step, 2 samples per update minibatch
@@ -50,6 +51,7 @@ from ppo_vlm_likelihood import (
     LANGUAGE_MODEL_QKV,
     LISTING_STATE_TEMPLATE,
     add_lora,
+    configure_image_processor,
     format_state_prompt,
     score_actions,
 )
@@ -148,8 +150,9 @@ def main() -> None:
     parser.add_argument("--rollout-states", type=int, default=2, help="states per rollout step (envs per process)")
     parser.add_argument("--update-states", type=int, default=2, help="states per update minibatch")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="pixels of the env image (resized to one 512-px tile)")
+    parser.add_argument("--image-size", type=int, default=256, help="pixels of the env image")
+    parser.add_argument("--image-splitting", action="store_true",
+                        help="keep SmolVLM's own image splitting (the scripts' --image-splitting; default: one tile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -158,6 +161,7 @@ def main() -> None:
     texts, images, action_names, corpus = fetch_observations(n_states, args.image_size)
     corpus += [LISTING_STATE_TEMPLATE, ACTION_TEMPLATE, *action_names]
     model, processor = build_smolvlm_256m_shaped(corpus)
+    configure_image_processor(model, processor, args.image_splitting)  # what the script does after loading
     model = add_lora(model, 64, 16, LANGUAGE_MODEL_QKV).eval()
     n_params = sum(p.numel() for p in model.parameters())
     prompts = [format_state_prompt(processor, LISTING_STATE_TEMPLATE, t, action_names, True) for t in texts]
@@ -167,7 +171,8 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.0f}M parameters (Idefics3, SmolVLM-256M sizes, LoRA r=64 on text q/k/v), built in "
           f"{time.perf_counter() - build_start:.0f} s; {torch.get_num_threads()} CPU thread(s)")
     print(
-        f"state prompt: {enc['input_ids'].shape[1]} tokens (64 image tokens); {len(action_prompts)} action prompts of "
+        f"state prompt: {enc['input_ids'].shape[1]} tokens ({int((enc['input_ids'] == processor.image_token_id).sum())} "
+        f"image tokens); {len(action_prompts)} action prompts of "
         f"{min(action_tokens)}-{max(action_tokens)} tokens"
     )
 

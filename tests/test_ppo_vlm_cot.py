@@ -398,3 +398,43 @@ def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeyp
     """Each user mistake ends the run with one line that says what to do, before a run directory exists."""
     assert expected in script_error(monkeypatch, tmp_path, *argv)
     assert not (tmp_path / "runs").exists()
+
+
+def test_bf16_old_log_probs_come_from_the_update_pass(tiny_smolvlm_path: str) -> None:
+    """Under bf16 the generation's own scores differ from the update's forward pass; the stored old log-probs are
+    recomputed by that pass, one minibatch at a time, so PPO's first ratio is exactly 1."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path, dtype=torch.bfloat16).eval()
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
+    prompts, images = card_prompts(processor, 3)
+    agent = ppo.Agent(model, processor, TEMPERATURE, 12, 0.5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        output, _, rollout, _ = agent.get_action_and_value(prompts, images)
+    old = ppo.rescore(agent, prompts, torch.from_numpy(images), output, 1)
+    for i in range(len(prompts)):
+        with torch.no_grad():
+            _, _, new, _ = agent.get_action_and_value(prompts[i:i + 1], images[i:i + 1],
+                                                      ppo.Output(*(x[i:i + 1] for x in output)))
+        assert torch.equal(new.log_prob, old[i:i + 1])
+    torch.testing.assert_close(old, rollout.log_prob, atol=0.05, rtol=0)  # the same policy, up to bf16 steps
+
+
+def test_temperature_zero_generates_greedily(tiny_smolvlm_path: str) -> None:
+    """Temperature 0 (the greedy evaluation of sft_vlm.py) takes the most likely token at every step."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval()
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
+    prompts, images = card_prompts(processor, 2)
+    with torch.no_grad():
+        ids, mask, logits, _ = ppo.generate(model, processor, prompts, images, 0.0, 6)
+    n = logits.shape[1]
+    assert torch.equal(ids[:, :n][mask[:, :n]], logits.argmax(-1)[mask[:, :n]])
+
+
+def test_image_configuration_is_the_likelihood_scripts(tiny_smolvlm_path: str) -> None:
+    """The one-tile configuration is copied into both VLM scripts on purpose (each stands alone): the copies agree."""
+    import inspect
+
+    import ppo_vlm_likelihood
+
+    assert inspect.getsource(ppo.configure_image_processor) == inspect.getsource(
+        ppo_vlm_likelihood.configure_image_processor)

@@ -520,3 +520,50 @@ def test_text_only_model_rejects_image_options(tiny_text_lm_path: str, monkeypat
     message = script_error(monkeypatch, tmp_path, "--model-id", tiny_text_lm_path, "--image-size", "64",
                            "--total-timesteps", "0", "--eval-episodes", "1")
     assert "text-only model" in message
+
+
+# --------------------------------------------------------------------------------------------
+# the image path, the text-only path and the advantages
+# --------------------------------------------------------------------------------------------
+def test_one_tile_per_frame_unless_asked(tiny_smolvlm_path: str) -> None:
+    """With SmolVLM's own processor settings (splitting on, longest edge 4 tiles) a 256-px frame becomes 17 tiles;
+    the script's configuration gives one tile, and --image-splitting keeps the processor's own setting."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path)
+    frame = [np.zeros((256, 256, 3), np.uint8)]
+    prompt = ppo.format_state_prompt(AutoProcessor.from_pretrained(tiny_smolvlm_path), ppo.LISTING_STATE_TEMPLATE,
+                                     "x", ["a"], True)
+
+    def image_tokens(image_splitting: bool) -> int:
+        processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
+        processor.image_processor.do_image_splitting = True
+        processor.image_processor.size = {"longest_edge": 4 * processor.image_processor.max_image_size["longest_edge"]}
+        ppo.configure_image_processor(model, processor, image_splitting)
+        ids = processor(text=[prompt], images=[frame], return_tensors="pt")["input_ids"]
+        return int((ids == processor.image_token_id).sum())
+
+    seq_len = make_tiny_vlm.SMOLVLM_IMAGE_SEQ_LEN
+    assert image_tokens(image_splitting=False) == seq_len
+    assert image_tokens(image_splitting=True) == 17 * seq_len
+
+
+def test_no_image_run_updates(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path) -> None:
+    """--no-image trains through the PPO update (the empty image batch once crashed its reshape)."""
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--no-image", "--total-timesteps", "16",
+                   "--num-steps", "8", "--num-envs", "2", "--num-minibatches", "4", "--lora-r", "8")
+    assert g["global_step"] == 16 and g["b_images"].shape[0] == 16 and not g["agent"].with_image
+    assert any(p.abs().sum() > 0 for n, p in g["agent"].model.named_parameters() if "lora_B" in n)
+
+
+def test_advantages_are_normalised_over_the_whole_batch(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path) -> None:
+    """With 2-sample minibatches, per-minibatch normalisation turns every pair into -1 / +1 (mean 0, so with a frozen
+    policy the policy loss is exactly 0); over the whole batch the advantages keep their size, and the batch has
+    mean 0 and standard deviation 1."""
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--total-timesteps", "8", "--num-steps",
+                   "4", "--num-envs", "2", "--num-minibatches", "4", "--lora-r", "8", "--learning-rate", "0")
+    adv = g["b_advantages"]
+    assert abs(float(adv.mean())) < 1e-5 and abs(float(adv.std(unbiased=False)) - 1) < 1e-4
+    raw = g["advantages"].reshape(-1)
+    torch.testing.assert_close(adv, (raw - raw.mean()) / (raw.std(unbiased=False) + 1e-8))
+    last = [int(i) for i in g["mb_inds"]]
+    assert abs(g["pg_loss"].item() + float(adv[last].mean())) < 1e-5  # ratio 1: the loss is -mean(advantage)
+    assert abs(float(adv[last].mean())) > 1e-3
