@@ -282,8 +282,9 @@ def build_tiny_idefics(path: str) -> str:
 def build_smolvlm_256m_shaped(corpus: list[str], full_vision: bool = True) -> tuple[
         Idefics3ForConditionalGeneration, Idefics3Processor]:
     """In memory, for benchmarks: random-weight Idefics3 with SmolVLM-256M-Instruct's sizes (64 image tokens per
-    512-px image; `full_vision=False` shrinks the vision tower to 64 px and 16 tokens) and a byte-level BPE
-    tokenizer trained on `corpus`, about one token per word like SmolVLM's own."""
+    512-px tile; `full_vision=False` shrinks the vision tower to 64 px and 16 tokens) and a byte-level BPE
+    tokenizer trained on `corpus`, about one token per word like SmolVLM's own. The processor has SmolVLM's own
+    image settings (splitting on, longest edge 4 tiles), as the scripts find them before configuring them."""
     torch.manual_seed(SEED)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -297,8 +298,8 @@ def build_smolvlm_256m_shaped(corpus: list[str], full_vision: bool = True) -> tu
                                         unk_token="<|endoftext|>", chat_template=SMOLVLM_CHAT_TEMPLATE)
     side, patch, scale, seq_len = (512, 16, 4, 64) if full_vision else (64, 8, 2, 16)
     width, layers, heads = (768, 12, 12) if full_vision else (192, 2, 3)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": side}, max_image_size={"longest_edge": side},
-                                                do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 4 * side}, max_image_size={"longest_edge": side},
+                                                do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
                                   chat_template=SMOLVLM_CHAT_TEMPLATE)
     config = Idefics3Config(
@@ -314,6 +315,44 @@ def build_smolvlm_256m_shaped(corpus: list[str], full_vision: bool = True) -> tu
     model = Idefics3ForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
+
+def build_teachable_smolvlm(path: str, corpus: list[str], image_size: int, patch_size: int) -> str:
+    """Build a random-weight SmolVLM (Idefics3) sized to be taught on a CPU in path and return path: text model 128
+    wide with 2 layers, vision tower 64 wide with 1 layer, 16 image tokens per frame, and a byte-level BPE tokenizer
+    trained on `corpus` (the scripts' own prompts), so every word of them, action words included, is one token."""
+    torch.manual_seed(SEED)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=960, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(corpus, trainer=trainer)
+    backend.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                        model_max_length=2048, chat_template=SMOLVLM_CHAT_TEMPLATE,
+                                        bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
+                                        unk_token="<|endoftext|>")
+    scale = 2
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": image_size},
+                                                max_image_size={"longest_edge": image_size}, do_image_splitting=False,
+                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=(image_size // patch_size) ** 2 // scale**2,
+                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    text_config = LlamaConfig(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=128, intermediate_size=512,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                              max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              tie_word_embeddings=False)
+    vision_config = Idefics3VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                                         num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    config = Idefics3Config(vision_config=vision_config, text_config=text_config, scale_factor=scale,
+                            image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id)
+    save_model(Idefics3ForConditionalGeneration(config), tokenizer, path)
+    processor.save_pretrained(path)
+    return path
+
 
 if __name__ == "__main__":
     out_dir = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parent / "tiny-smolvlm")

@@ -1,0 +1,66 @@
+"""Teach the two small offline VLMs of the likelihood and CoT scripts on this CPU, bit for bit from a seed.
+
+    python assets/teach_tiny_vlm.py            # rewrites assets/tiny-smolvlm-likelihood and assets/tiny-smolvlm-cot
+
+Each model is a SmolVLM (Idefics3) with random weights from make_tiny_vlm.build_teachable_smolvlm, its tokenizer
+trained on the prompts of the script it serves, then taught by sft_vlm.py (every weight, --lora-r 0) on noisy
+expert demonstrations (--expert-noise 0.2, env seeds from 1000 on; held-out evaluation on seeds 0-99):
+  - tiny-smolvlm-likelihood: ppo_vlm_likelihood.py's prompts on FrozenLake8x8, 64-px frames in 8-px patches
+    (one patch per lake tile: the map is only in the image, the text describes the agent's surroundings);
+  - tiny-smolvlm-cot: ppo_vlm_cot.py's NumberLine prompt and JSON answers, 128-px frames in 16-px patches (the
+    numbers are only in the image).
+The two runs go side by side, one torch thread each (the same thread count gives the same weights). They are
+small models taught offline on these envs, not the papers' models: their numbers prove mechanisms only.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).resolve().parent
+REPO = ASSETS.parent
+sys.path[:0] = [str(REPO), str(ASSETS)]
+
+import ppo_vlm_likelihood as likelihood  # noqa: E402
+import sft_vlm  # noqa: E402
+from make_tiny_vlm import build_teachable_smolvlm  # noqa: E402
+
+TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
+    "tiny-smolvlm-likelihood": (64, 8, ["--format", "likelihood", "--env-id", "FrozenLake8x8", "--num-demos", "1000",
+                                        "--num-epochs", "4", "--learning-rate", "1e-3", "--batch-size", "32",
+                                        "--eval-freq", "1"]),
+    "tiny-smolvlm-cot": (128, 16, ["--format", "cot", "--env-id", "NumberLine", "--num-demos", "1000",
+                                   "--num-epochs", "8", "--eval-freq", "2", "--learning-rate", "1e-3", "--batch-size", "32",
+                                   "--max-new-tokens", "64"]),
+}
+
+
+def prompt_corpus(flags: list[str]) -> list[str]:
+    """The texts the model will read and write: 300 demonstration episodes in the script's own prompt format."""
+    args = sft_vlm.Args(**{k.lstrip("-").replace("-", "_"): v for k, v in zip(flags[::2], flags[1::2])
+                           if k in ("--format", "--env-id")}, num_demos=300)
+    action_names = likelihood.env_action_names(args.env_id)
+    demos, _ = sft_vlm.collect_demos(args, action_names, np.random.default_rng(0))
+    if args.format == "likelihood":
+        template = likelihood.state_template(args.env_id)
+        prompts = [likelihood.ACTION_TEMPLATE.format(action=name) for name in action_names]
+        return [template.format(description=d.text, actions=", ".join(action_names)) for d in demos] + prompts * 50
+    return [d.text + " " + d.answer for d in demos]
+
+
+if __name__ == "__main__":
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (image_size, patch_size, flags) in TEACHING.items():
+            init = build_teachable_smolvlm(str(Path(tmp) / name), prompt_corpus(flags), image_size, patch_size)
+            command = [sys.executable, str(REPO / "sft_vlm.py"), "--model-id", init, "--lora-r", "0",
+                       "--output-dir", str(ASSETS / name), "--exp-name", f"teach_{name}", *flags]
+            print(" ".join(command[1:]), flush=True)
+            runs.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}))
+        failed = [run.args for run in runs if run.wait() != 0]
+    if failed:
+        raise SystemExit(f"teaching failed: {failed}")

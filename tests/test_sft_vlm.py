@@ -1,0 +1,165 @@
+"""Tests of sft_vlm.py: the demonstrations and answers, the prompts it trains against the PPO scripts' own, the loss
+falling, the saved model loading in both PPO scripts, and the error messages."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from script_helpers import exit_message, run_as_main, scalar_tags
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import ppo_vlm_cot as cot
+import ppo_vlm_likelihood as likelihood
+import sft_vlm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO_ROOT / "sft_vlm.py")
+run_script = functools.partial(run_as_main, SCRIPT)
+script_error = functools.partial(exit_message, SCRIPT)
+SMALL = ["--num-demos", "2", "--num-epochs", "1", "--batch-size", "8", "--eval-episodes", "2", "--max-new-tokens", "12"]
+
+
+def demos(fmt: str, env_id: str, n: int = 3, noise: float = 0.0) -> tuple[sft_vlm.Args, list[str], list[sft_vlm.Demo]]:
+    args = sft_vlm.Args(format=fmt, env_id=env_id, num_demos=n, expert_noise=noise)
+    names = likelihood.env_action_names(env_id) if fmt == "likelihood" else list(
+        cot.make_env(env_id, 0)().get_wrapper_attr("action_names"))
+    return args, names, sft_vlm.collect_demos(args, names, np.random.default_rng(0))[0]
+
+
+def test_noiseless_demonstrations_are_the_expert_and_noise_is_labelled_as_taken() -> None:
+    """Noise 0 reproduces the expert (every FrozenLake demo reaches the goal); noise 1 takes uniform actions."""
+    args = sft_vlm.Args(format="likelihood", env_id="FrozenLake8x8", num_demos=5, expert_noise=0.0)
+    names = likelihood.env_action_names("FrozenLake8x8")
+    clean, success = sft_vlm.collect_demos(args, names, np.random.default_rng(0))
+    assert success == 1.0 and len(clean) >= 5 * 14  # the 8x8 lake's goal is at least 14 moves away
+    noisy, _ = sft_vlm.collect_demos(sft_vlm.Args(num_demos=20, expert_noise=1.0, demo_seed=2000), names,
+                                     np.random.default_rng(0))
+    counts = np.bincount([d.action for d in noisy], minlength=4) / len(noisy)
+    assert np.all(np.abs(counts - 0.25) < 0.1)
+
+
+def test_numberline_answer_reads_the_true_state_and_parses_to_the_taken_action() -> None:
+    """The CoT answer names the current and target numbers, says which way to go, and parses to the taken action."""
+    args, names, data = demos("cot", "NumberLine", n=4)
+    env = cot.make_env("NumberLine", args.demo_seed)()
+    _, info = env.reset()
+    first = data[0]
+    assert f'"current number": "{info["current"]}"' in first.answer and f'"target number": "{info["target"]}"' in first.answer
+    assert ("add one" in first.answer) == (info["target"] > info["current"])
+    for d in data:
+        assert cot.parse_action(d.answer, names) == d.action
+    noisy = sft_vlm.cot_answer("NumberLine", names, {}, {"current": 1, "target": 4}, expert=1, action=0,
+                               with_thoughts=False)
+    assert noisy == '{"current number": "1", "target number": "4", "action": "-"}'
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tiny_smolvlm_path: str):
+    return AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval(), AutoProcessor.from_pretrained(
+        tiny_smolvlm_path)
+
+
+def test_trains_the_prompts_the_ppo_scripts_score(smolvlm, monkeypatch) -> None:
+    """The strings and images SFT scores are byte for byte the ones each PPO script builds from the same observation
+    (one source for each template), and the likelihood loss is minus eq. 1's score of the demonstrated action."""
+    model, processor = smolvlm
+    args, names, data = demos("likelihood", "FrozenLake8x8", n=1)
+    agent = likelihood.Agent(model, processor, names, likelihood.FROZENLAKE_STATE_TEMPLATE, likelihood.ACTION_TEMPLATE)
+    seen = {}
+    original = likelihood.score_actions
+    monkeypatch.setattr(likelihood, "score_actions", lambda *a: seen.setdefault("call", a) and original(*a))
+    with torch.no_grad():
+        loss = sft_vlm.sft_loss(args, model, processor, agent, data[:2])
+    env = likelihood.make_env("FrozenLake8x8", args.demo_seed, None, True)()
+    obs, _ = env.reset()
+    ppo_prompts, _ = agent.observe({"text": [obs["text"]], "image": obs["image"][None]})
+    _, _, prompts, images, action_prompts, reduction = seen["call"]
+    assert prompts[0] == ppo_prompts[0] and np.array_equal(images[0], obs["image"])
+    assert action_prompts == agent.action_prompts and reduction == "mean"
+    with torch.no_grad():
+        scores = likelihood.score_actions(model, processor, prompts, images, action_prompts)
+    torch.testing.assert_close(loss, -scores[[0, 1], [data[0].action, data[1].action]].mean())
+
+    args, names, data = demos("cot", "NumberLine", n=1)
+    monkeypatch.setattr(cot, "cot_log_prob", lambda *a, **k: seen.setdefault("cot", (a, k)) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sft_vlm.sft_loss(args, model, processor, None, data[:1])
+    (_, _, prompts, images, output), kwargs = seen["cot"]
+    env = cot.make_env("NumberLine", args.demo_seed)()
+    obs, info = env.reset()
+    _, ppo_prompts, ppo_images = cot.observation_prompts({k: np.array([v]) for k, v in obs.items()},
+                                                        {"formula": [""]}, "NumberLine", processor, names, True)
+    assert prompts == ppo_prompts and np.array_equal(images, ppo_images)
+    assert kwargs == {"thought_coef": 1.0, "temperature": 1.0}
+    answer_ids = processor.tokenizer(data[0].answer, add_special_tokens=False)["input_ids"]
+    assert output.ids[0, :int(output.mask[0].sum())].tolist() == answer_ids + [processor.tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("fmt, env_id", [("likelihood", "FrozenLake8x8"), ("cot", "NumberLine")])
+def test_loss_falls(fmt: str, env_id: str, tiny_smolvlm_path: str) -> None:
+    """Twenty steps on the same few demonstrations lower the loss of the tiny model (all weights train)."""
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path)
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
+    args, names, data = demos(fmt, env_id, n=2)
+    agent = likelihood.Agent(model, processor, names, likelihood.state_template(env_id), likelihood.ACTION_TEMPLATE) \
+        if fmt == "likelihood" else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = data[:8]
+    losses = []
+    for _ in range(20):
+        loss = sft_vlm.sft_loss(args, model, processor, agent, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_saved_model_loads_in_both_ppo_scripts(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
+    """A LoRA run merges its adapter into the saved folder (the same scores as the trained model), logs its tags,
+    and the folder is a --model-id for both PPO scripts."""
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--lora-r", "8", "--learning-rate", "1e-2",
+                   *SMALL)
+    out = capsys.readouterr().out
+    assert "eval (" in out and "greedy, 2 held-out episodes" in out and "sampled, 2 held-out episodes" in out
+    run_dir = tmp_path / "runs" / g["run_name"]
+    assert {"losses/sft_loss", "eval/success_rate", "eval/greedy_success_rate", "sft/demonstrator_success_rate"} <= \
+        scalar_tags(run_dir)
+    saved = run_dir / "model"
+    model, processor = AutoModelForImageTextToText.from_pretrained(saved).eval(), AutoProcessor.from_pretrained(saved)
+    prompts, images = g["agent"].observe({"text": [g["demos"][0].text], "image": g["demos"][0].image[None]})
+    with torch.no_grad():
+        trained = likelihood.score_actions(g["model"], g["processor"], prompts, images, g["agent"].action_prompts)
+        loaded = likelihood.score_actions(model, processor, prompts, images, g["agent"].action_prompts)
+        base = likelihood.score_actions(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval(),
+                                        processor, prompts, images, g["agent"].action_prompts)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
+    assert (loaded - base).abs().max() > 1e-3
+
+    for script in ("ppo_vlm_likelihood.py", "ppo_vlm_cot.py"):
+        env = ["--env-id", "NumberLine", "--max-new-tokens", "8"] if script == "ppo_vlm_cot.py" else []
+        run_as_main(str(REPO_ROOT / script), monkeypatch, tmp_path, "--model-id", str(saved), "--total-timesteps",
+                    "0", "--eval-episodes", "1", "--num-envs", "1", *env)
+        assert f"eval ({saved}, 1 episodes)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--expert-noise", "1.5"], "--expert-noise is a fraction"),
+        (["--num-demos", "0"], "must be at least 1"),
+        (["--demo-seed", "10", "--eval-episodes", "100"], "overlaps the evaluation seeds"),
+        (["--load-in-4bit", "--lora-r", "0"], "needs LoRA"),
+        (["--env-id", "NoSuchEnv"], "Unknown env id"),
+        (["--model-id", "./no/such/dir"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeypatch, tmp_path: Path) -> None:
+    """Each user mistake ends the run with one line that says what to do, before a run directory exists."""
+    assert expected in script_error(monkeypatch, tmp_path, *argv)
+    assert not (tmp_path / "runs").exists()
