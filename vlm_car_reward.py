@@ -5,9 +5,10 @@
 # reward plus a bonus for each sub-task the first time it completes, in order, within an episode (stage 4). The VLM
 # runs only before training: every reward afterwards costs a program call, not a VLM query. The PPO agent is
 # ppo_cnn_baseline.py's on the "state" observation, with its checkpoints and its evaluation of the saved model.
-# Generated code is hostile input: car_sandbox.py checks it at load, runs it in a worker process with allowlists and OS
-# limits, tracks each env's sub-task progress and saves the accepted programs. car_coders.py asks the coder and reads
-# its replies (stage 1, stage 2's prompts), with its backends (a local VLM, an OpenAI-compatible server).
+# Generated code is hostile input: car_sandbox.py checks it at load against allowlists, runs it in a worker process
+# confined by a seccomp filter and OS limits, tracks each env's sub-task progress and saves the accepted programs.
+# car_coders.py asks the coder and reads its replies (stage 1, stage 2's prompts), with its backends (a local VLM, an
+# OpenAI-compatible server).
 import operator
 import os
 import random
@@ -30,7 +31,8 @@ from torch.utils.tensorboard import SummaryWriter
 import text_envs
 from car_coders import DEFAULT_MODEL_ID, FEEDBACK_PROMPT, CoderUnavailable, NoPrograms, build_coder, check_coder_args
 from car_coders import list_subtasks, program_prompt, read_program
-from car_sandbox import Sandbox, SubtaskProgress, load_programs, save_programs
+from car_sandbox import Sandbox, SubtaskProgress, UnsafeCodeError, confinement_problem, load_checker, load_programs
+from car_sandbox import save_programs
 
 ALGORITHM = "vlm_car_reward"
 # flags that fix the envs, the frames the programs read and the network: a checkpoint resumes only with the same values
@@ -103,6 +105,9 @@ class Args:
     """seconds one program call may take before it counts as not done"""
     checker_memory_mb: int = 1024
     """address-space limit of the worker process that runs the programs"""
+    accept_unconfined_programs: bool = False
+    """run the programs even where the worker's OS layer (seccomp, Landlock) cannot be installed: only the load check
+    and the OS limits then hold them"""
 
     # PPO (stage 4), ppo_cnn_baseline.py's
     subtask_bonus: float = 0.1
@@ -175,6 +180,12 @@ class Verification(NamedTuple):
     random_two_or_more: int  # random trajectories that completed two or more sub-tasks
 
 
+def start_sandbox(programs: Sequence[str], args: Args) -> Sandbox:
+    """A worker for the programs, with the OS layer required unless --accept-unconfined-programs."""
+    return Sandbox(programs, args.checker_timeout, args.checker_memory_mb,
+                   "prefer" if args.accept_unconfined_programs else "require")
+
+
 def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[np.ndarray], random_play: Sequence[np.ndarray],
            load_errors: Sequence[str | None]) -> Verification:
     """SPEC §4's test: every expert trajectory completes every sub-task in order, and at most 10% of random
@@ -223,7 +234,7 @@ def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env
             if failure:
                 prompt += FEEDBACK_PROMPT.format(code=codes[k] or "(no code)", report=failure)
             codes[k], programs[k], load_errors[k] = read_program(coder(prompt, [shown[0]]))
-        with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
+        with start_sandbox(programs, args) as sandbox:
             errors = [load_errors[k] or sandbox.load_errors[k] for k in range(len(subtasks))]
             verification = verify(sandbox, subtasks, expert, random_play, errors)
         log(f"stage 3, round {round_}: {verification.summary}")
@@ -453,6 +464,10 @@ if __name__ == "__main__":
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
     grid = check_args(args)
+    if not args.accept_unconfined_programs and (problem := confinement_problem()):
+        raise SystemExit(f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip install -r "
+                         "requirements.txt (pyseccomp, with libseccomp.so.2), or pass --accept-unconfined-programs to "
+                         "run them behind the load check and the OS limits alone.")
     image_size = args.tile_size * max(grid)
     full_env_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -475,8 +490,13 @@ if __name__ == "__main__":
         print(line, flush=True)
         program_log.append(line)
 
-    if checkpoint:  # a resumed run goes on with the checkpoint's programs, already verified and saved
-        subtasks, programs = checkpoint["subtasks"], checkpoint["programs"]
+    if checkpoint:  # a resumed run goes on with the checkpoint's programs, verified and saved, and checked again
+        subtasks = [str(subtask) for subtask in checkpoint["subtasks"]]
+        try:
+            programs = [load_checker(program) for program in checkpoint["programs"]]
+        except UnsafeCodeError as error:
+            raise SystemExit(f"--resume {args.resume} holds a reward program that is refused ({error}): resume only "
+                             "checkpoints of your own runs.") from None
         log(f"--resume {args.resume}: the checkpoint's programs for {subtasks or 'no sub-tasks (sparse reward)'}")
     else:
         verify_env = text_envs.make_env(args.env_id, image_size=image_size)
@@ -491,7 +511,7 @@ if __name__ == "__main__":
             if args.reward_programs:
                 subtasks, programs = load_programs(args.reward_programs, full_env_id, args.checker_input,
                                                    args.tile_size)
-                with Sandbox(programs, args.checker_timeout, args.checker_memory_mb) as sandbox:
+                with start_sandbox(programs, args) as sandbox:
                     verification = verify(sandbox, subtasks, expert, random_play, sandbox.load_errors)
                 log(f"--reward-programs {args.reward_programs}: {verification.summary}")
                 if not verification.accepted:
@@ -551,7 +571,7 @@ if __name__ == "__main__":
     else:
         envs = make_envs(args, image_size, key if programs else None)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
-    sandbox = Sandbox(programs, args.checker_timeout, args.checker_memory_mb) if programs else None
+    sandbox = start_sandbox(programs, args) if programs else None
     dense = SubtaskProgress(sandbox, args.num_envs) if programs else None
 
     agent = Agent(envs).to(device)
@@ -741,6 +761,7 @@ if __name__ == "__main__":
             writer.add_scalar("reward/bonus_per_step", float(np.mean(step_bonus)), global_step)
             writer.add_scalar("reward/checker_errors", sandbox.errors, global_step)
             writer.add_scalar("reward/checker_restarts", sandbox.restarts, global_step)
+            writer.add_scalar("reward/programs_disabled", len(sandbox.disabled), global_step)
             if episode_subtasks:
                 writer.add_scalar("reward/subtasks_completed", float(np.mean(episode_subtasks)), global_step)
                 report += f" subtasks_completed={np.mean(episode_subtasks):.2f}/{len(programs)}"

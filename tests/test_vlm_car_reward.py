@@ -1,5 +1,5 @@
-"""vlm_car_reward: hostile programs, verification, extract_code, runs with --reward-programs, the coder paths,
-kill and resume."""
+"""vlm_car_reward: verification, extract_code, runs with --reward-programs, the coder paths, kill and resume, and
+the script's side of the sandbox (tests/test_car_sandbox.py tests the sandbox itself)."""
 
 import fcntl
 import pickle
@@ -17,10 +17,11 @@ from openai_server import OpenAIServer
 from script_helpers import SUBPROCESS_ENV, exit_message, run_as_main, scalar_tags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import car_sandbox
 import text_envs
 import vlm_car_reward as car
 from car_coders import extract_code, parse_subtasks
-from car_sandbox import SubtaskProgress, UnsafeCodeError, load_checker, load_programs, save_programs
+from car_sandbox import SubtaskProgress, load_checker, load_programs, save_programs
 
 SCRIPT = str(Path(car.__file__).resolve())
 REFERENCE = Path(car.__file__).resolve().parent / "reference_programs"
@@ -28,102 +29,12 @@ DOORKEY8 = "MiniGrid-DoorKey-8x8-v0"
 TINY = ["--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2"]
 KEY_PROGRAM = (REFERENCE / "DoorKey-8x8" / "subtask_1.py").read_text()
 
-# Refused when loaded: each line of the issue's list, and the ways around the obvious checks.
-REFUSED_AT_LOAD = {
-    "import os": "import os\ndef check(frame):\n    return os.system('touch pwned') == 0",
-    "from import": "from subprocess import run\ndef check(frame):\n    return True",
-    "import inside": "def check(frame):\n    import socket\n    return True",
-    "__import__": "def check(frame):\n    return __import__('os').getcwd() == ''",
-    "dunder walk": "def check(frame):\n    return len(().__class__.__mro__[1].__subclasses__()) > 0",
-    "frame dunder": "def check(frame):\n    return frame.__array_interface__ is None",
-    "open / write": "def check(frame):\n    open('pwned', 'w').write('x')\n    return True",
-    "socket": "def check(frame):\n    return socket.create_connection(('example.com', 80)) is None",
-    "subprocess": "def check(frame):\n    return subprocess.call(['touch', 'pwned']) == 0",
-    "eval": "def check(frame):\n    return eval('1') == 1",
-    "exec": "def check(frame):\n    exec('x = 1')\n    return True",
-    "compile": "def check(frame):\n    return compile('1', 'f', 'eval') is None",
-    "getattr": "def check(frame):\n    return getattr(frame, '__class__') is None",
-    "vars / globals": "def check(frame):\n    return 'np' in globals() or vars() is None",
-    "type / object": "def check(frame):\n    return type(frame).mro() is None",
-    "format string": "def check(frame):\n    return '{0.mro}'.format(frame) == ''",
-    "dunder in a string": "def check(frame):\n    return frame.dtype.name == '__class__'",
-    "generator frames": "def check(frame):\n    return (x for x in [1]).gi_frame.f_back is None",
-    "np.save": "def check(frame):\n    np.save('pwned.npy', frame)\n    return True",
-    "tofile": "def check(frame):\n    frame.tofile('pwned')\n    return True",
-    "np.load / memmap": "def check(frame):\n    return np.memmap('pwned', mode='w+', shape=(1,)) is None",
-    "np.lib": "def check(frame):\n    return np.lib.stride_tricks.as_strided(frame, (10**9,), (1,)).sum() > 0",
-    "ctypes": "def check(frame):\n    return frame.ctypes.data > 0",
-    "writable again": "def check(frame):\n    frame.setflags(write=True)\n    frame[:] = 0\n    return True",
-    "fork bomb": "import os\ndef check(frame):\n    while True:\n        os.fork()",
-    "signal tampering": "import signal\ndef check(frame):\n    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n    return True",
-    "bare except": "def check(frame):\n    try:\n        while True:\n            pass\n    except:\n        return True",
-    "global": "def check(frame):\n    global np\n    np = None\n    return True",
-    "class": "class A:\n    pass\ndef check(frame):\n    return True",
-    "top-level code": "while True:\n    pass\ndef check(frame):\n    return True",
-    "default argument": "def check(frame, big=[0] * 10**10):\n    return True",
-    "decorator": "@np.vectorize\ndef check(frame):\n    return True",
-    "no check": "def verify(frame):\n    return True",
-    "two arguments": "def check(frame, other):\n    return True",
-    "breakpoint / input": "def check(frame):\n    breakpoint()\n    return input() == ''",
-    "does not parse": "def check(frame):\n    return (",
-}
-
-# Loaded, then misbehave when run: each counts as "not done".
-FAIL_AT_RUN = {
-    "infinite loop": "def check(frame):\n    while True:\n        pass",
-    "catches the timer": "def check(frame):\n    try:\n        while True:\n            pass\n    finally:\n        while True:\n            pass",
-    "deep recursion": "def check(frame):\n    return check(frame)",
-    "huge allocation": "def check(frame):\n    return np.ones(300_000_000).sum() > 0",
-    "memory grows": "def check(frame):\n    x = [frame.tolist()]\n    while True:\n        x = x + x",
-    "long C call": "def check(frame):\n    return 10 ** 10 ** 8 > 0",
-    "writes into the frame": "def check(frame):\n    frame[:] = 0\n    return True",
-    "not a bool": "def check(frame):\n    return frame",
-    "unknown name": "def check(frame):\n    return len(frames_before) > 0",
-    "raises": "def check(frame):\n    return 1 / 0 > 0",
-}
-
-
-@pytest.mark.parametrize("name", list(REFUSED_AT_LOAD))
-def test_forbidden_code_is_refused_at_load(name):
-    with pytest.raises(UnsafeCodeError):
-        load_checker(REFUSED_AT_LOAD[name])
-
 
 def test_allowed_code_loads_without_its_imports():
     source = load_checker(KEY_PROGRAM)
     assert "import" not in source and "def check(frame)" in source
     assert load_checker("import math\nLIMIT = (1, 2)\ndef helper(x, y=2):\n    return math.sqrt(x) > y\n"
                         "def check(frame):\n    return helper(float(frame.mean()))")
-
-
-def frames(n: int = 2) -> np.ndarray:
-    """Real DoorKey-8x8 frames: the reset frame, then n - 1 after random steps."""
-    env = text_envs.make_env(DOORKEY8, seed=0, image_size=64)
-    obs, _ = env.reset(seed=0)
-    out = [obs["image"]]
-    for action in [0, 1, 2, 0][: n - 1]:
-        out.append(env.step(action)[0]["image"])
-    return np.stack(out)
-
-
-def test_hostile_programs_at_run_are_not_done_and_the_trainer_is_unharmed(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM)}
-    programs = [load_checker(code) for code in FAIL_AT_RUN.values()]
-    seen = frames(2)
-    before = seen.copy()
-    with car.Sandbox(programs, time_limit=0.2, memory_mb=512) as sandbox:
-        assert sandbox.load_errors == [None] * len(programs)
-        for k in range(len(programs)):  # each program first in line, on both frames: never done
-            assert sandbox.advance([k], [seen]) == [[]], list(FAIL_AT_RUN)[k]
-        assert sandbox.errors >= len(programs)
-        assert sandbox.restarts >= 1  # the loop in `finally` outlives the time limit: the worker is replaced
-        # training goes on: a good program after all of them still answers, in the same sandbox
-    with car.Sandbox([load_checker("def check(frame):\n    return bool(frame.max() == 255)")]) as sandbox:
-        assert sandbox.advance([0, 0], [seen[:1], seen]) == [[0], [0]]
-    np.testing.assert_array_equal(seen, before)  # the trainer's frames did not change
-    assert list(tmp_path.iterdir()) == []  # no file appeared
-    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_a_vector_step_of_frames_fits_in_the_pipe_and_comes_back_right():
@@ -137,24 +48,6 @@ def test_a_vector_step_of_frames_fits_in_the_pipe_and_comes_back_right():
         sandbox.submit([0] * 16, batch)
         expected = [[0] if frames[0, 0, 0, 0] > 127 else [] for frames in batch]
         assert sandbox.collect() == expected and [] in expected and [0] in expected
-
-
-def test_defence_in_depth_without_the_load_check(tmp_path):
-    """Code that skips load_checker (a dunder walk to the real builtins and os) still cannot write a file or start a
-    process: the worker may open no new file descriptor and start no process."""
-    target = tmp_path / "pwned"
-    escape = ("def check(frame):\n"
-              "    for cls in ().__class__.__base__.__subclasses__():\n"
-              "        if cls.__name__ == '_wrap_close':\n"
-              "            g = cls.__init__.__globals__\n"
-              "            {action}\n"
-              "    return True\n")
-    programs = [escape.format(action=f"g['__builtins__']['open']({str(target)!r}, 'w').write('x')"),
-                escape.format(action=f"g['system']('touch {target}')")]
-    with car.Sandbox(programs, time_limit=2.0) as sandbox:
-        assert sandbox.advance([0], [frames(1)]) == [[]]  # open() raised: no file descriptor left
-        sandbox.advance([1], [frames(1)])  # os.system() cannot fork
-    assert not target.exists()
 
 
 def reference_trajectories(env_id: str, tile: int, num_expert: int, num_random: int):
@@ -256,31 +149,37 @@ def test_bonus_per_subtask_once_per_episode_in_the_rewards(tmp_path, monkeypatch
 
 
 def test_training_goes_on_with_misbehaving_programs(tmp_path, monkeypatch, capsys):
-    """A program that raises at every call and hangs the worker now and then: counted, the worker restarted, the
-    run completes."""
+    """A program that raises at every call: each failure counted, the program disabled after 10 in a row (logged),
+    the run completes."""
     folder = tmp_path / "programs"
-    save_programs(folder, DOORKEY8, "frame", 8, ["raises, and hangs at its 40th call", "never reached"], [
-        ("CALLS = [0]\n"
-         "def check(frame):\n"
-         "    CALLS[0] += 1\n"
-         "    if CALLS[0] == 40:\n"
-         "        try:\n            while True:\n                pass\n"
-         "        finally:\n            while True:\n                pass\n"
-         "    return deeper(frame)\n"
-         "def deeper(frame):\n"
-         "    return deeper(frame)\n"),
+    save_programs(folder, DOORKEY8, "frame", 8, ["raises", "never reached"], [
+        "def check(frame):\n    return deeper(frame)\ndef deeper(frame):\n    return deeper(frame)\n",
         "def check(frame):\n    return True\n",
     ])
     run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs", str(folder),
                 "--num-expert", "0", "--num-random", "0", "--checker-timeout", "0.05", *TINY, "--total-timesteps", "128")
     out = capsys.readouterr().out
     assert "iteration 2/2 global_step=128" in out
-    assert re.search(r"checker errors so far: [1-9]", out)
+    assert "checker errors so far: 10, last: sub-task 1's program disabled after 10 failed calls in a row" in out
     (run,) = (tmp_path / "runs").iterdir()
     events = EventAccumulator(str(run))
     events.Reload()
-    assert events.Scalars("reward/checker_errors")[-1].value >= 64  # the recursion, at most steps of both envs
-    assert events.Scalars("reward/checker_restarts")[-1].value >= 1  # the loop in `finally`
+    assert events.Scalars("reward/checker_errors")[-1].value == 10
+    assert [e.value for e in events.Scalars("reward/programs_disabled")] == [1, 1]
+
+
+def test_without_the_os_layer_the_script_stops_unless_the_risk_is_accepted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(car_sandbox, "confinement_problem", lambda: "ImportError: No module named 'pyseccomp'")
+    argv = ["--env-id", DOORKEY8, "--reward-programs", str(REFERENCE / "DoorKey-8x8"), "--num-expert", "0",
+            "--num-random", "0", "--total-timesteps", "0"]
+    message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv)
+    assert message.startswith("The reward programs cannot be confined on this machine (ImportError: No module named "
+                              "'pyseccomp'): on Linux, pip install -r requirements.txt") and message.endswith(
+                              "or pass --accept-unconfined-programs to run them behind the load check and the OS "
+                              "limits alone.")
+    assert not (tmp_path / "runs").exists()
+    run_as_main(SCRIPT, monkeypatch, tmp_path, *argv, "--accept-unconfined-programs")
+    assert "saved to runs/" in capsys.readouterr().out
 
 
 def test_tiny_coder_ends_in_one_clear_sentence(tiny_smolvlm_path, tmp_path, monkeypatch, capsys):
@@ -461,3 +360,13 @@ def test_resume_of_another_checkpoint_is_one_sentence(content, argv, expected, f
     message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv, "--resume", str(path), "--num-envs", "2")
     assert re.search(expected, message), message
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_checks_the_checkpoints_programs_again(full_run, tmp_path, monkeypatch):
+    saved = torch.load(full_run / "checkpoint.pt", weights_only=False)
+    saved["programs"][1] = "import os\ndef check(frame):\n    return os.system('touch pwned') == 0\n"
+    torch.save(saved, tmp_path / "tampered.pt")
+    message = exit_message(SCRIPT, monkeypatch, tmp_path, *RESUMABLE, "--resume", str(tmp_path / "tampered.pt"))
+    assert message.startswith(f"--resume {tmp_path / 'tampered.pt'} holds a reward program that is refused (line 1 "
+                              "imports: only")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "pwned").exists()
