@@ -2,16 +2,22 @@
 
     python benchmarks/bench_reward_programs.py [--total-timesteps 20480] [--num-envs 4 16] [--repeats 2]
     python benchmarks/bench_reward_programs.py --submit     # the worker's pipe: Linux's default size vs ours
+    python benchmarks/bench_reward_programs.py --os-layer   # a program call with the worker's OS layer on and off
 
 Dense: vlm_car_reward.py with the committed reference programs (the frame rendered at 8-pixel tiles in every step,
 the next sub-task's program of every env run in the sandbox worker, one worker call per vector step). Sparse:
-ppo_cnn_baseline.py --obs state, the same agent, PPO and flags without frames or programs. The two run one after
+ppo_cnn_baseline.py --obs state, the same agent, PPO and flags without frames or programs. The dense runs have the
+worker's OS layer on (seccomp, Landlock, no-new-privs), as every run of the script does. The two run one after
 the other, alternating, `--repeats` times each on one CPU thread; the SPS is the one each script reports at its
 last iteration (startup and verification excluded, as in CleanRL). Goal: dense / sparse >= 0.7.
 
 --submit times `Sandbox.submit` for a vector step of 16 UnlockPickup frames (random play, 8-pixel tiles) with the
 pipe to the worker at Linux's default 64 KiB and at car_sandbox.PIPE_BYTES, the agent's work stood in for by a 10 ms
 sleep, and the worker's time per frame.
+
+--os-layer times worker calls of a program that returns at once (batches of 16 one-frame sequences: the cost of a call
+itself, round trip included) with the OS layer on (`os_layer="require"`) and off, alternating, and prints the
+difference per call: what the seccomp filter and Landlock add to each of the worker's system calls.
 """
 
 import argparse
@@ -69,6 +75,24 @@ def submit_times(steps: int = 300, num_envs: int = 16) -> None:
           "round trip included)")
 
 
+def os_layer_cost(batches: int = 2000, repeats: int = 3, num_envs: int = 16) -> None:
+    """Microseconds per program call with the worker's OS layer on and off, and the difference."""
+    program = car_sandbox.load_checker("def check(frame):\n    return False")
+    frames = [np.zeros((1, 64, 64, 3), dtype=np.uint8)] * num_envs
+    times: dict[str, list[float]] = {"require": [], "off": []}
+    for _ in range(repeats):
+        for layer in times:
+            with car_sandbox.Sandbox([program], os_layer=layer) as sandbox:
+                start = time.perf_counter()
+                for _ in range(batches):
+                    sandbox.advance([0] * num_envs, frames)
+                times[layer].append((time.perf_counter() - start) / (batches * num_envs) * 1e6)
+                confinement = sandbox.confinement
+            print(f"{layer:>8}: {times[layer][-1]:6.2f} us per call ({confinement})", flush=True)
+    on, off = np.median(times["require"]), np.median(times["off"])
+    print(f"median: on {on:.2f} us, off {off:.2f} us per call; the OS layer adds {on - off:+.2f} us per call")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--total-timesteps", type=int, default=20480, help="env steps of each measurement")
@@ -76,9 +100,13 @@ if __name__ == "__main__":
     parser.add_argument("--env-ids", nargs="+", default=list(ENVS), choices=list(ENVS))
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each script, alternating")
     parser.add_argument("--submit", action="store_true", help="time the worker's pipe instead of training runs")
+    parser.add_argument("--os-layer", action="store_true", help="time a program call with the OS layer on and off")
     args = parser.parse_args()
     if args.submit:
         submit_times()
+        sys.exit()
+    if args.os_layer:
+        os_layer_cost()
         sys.exit()
     print(f"{'env':<26}{'envs':>5}{'sparse SPS':>12}{'dense SPS':>11}{'ratio':>7}")
     for env_id in args.env_ids:
