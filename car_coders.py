@@ -30,7 +30,7 @@ from huggingface_hub import try_to_load_from_cache
 from minigrid.core.constants import COLOR_TO_IDX, COLORS, OBJECT_TO_IDX
 from PIL import Image
 
-from car_sandbox import UnsafeCodeError, load_checker
+from car_sandbox import NEVER_DONE, UnsafeCodeError, load_checker
 
 if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports this module, not the reverse
     from vlm_car_reward import Args
@@ -314,9 +314,6 @@ def extract_code(text: str) -> str | None:
             if _parses(code):
                 return code.strip() + "\n"
     return None
-
-
-NEVER_DONE = "def check(frame):\n    return False\n"  # what the worker runs in place of a program that did not load
 
 
 def read_program(reply: str) -> tuple[str, str, str | None]:

@@ -176,10 +176,12 @@ def _checked_program(code: str) -> str:
             node.annotation = None
     nodes = list(ast.walk(module))
     defined = {n.id for n in nodes if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    defined |= {n.name for n in nodes if isinstance(n, ast.FunctionDef)} | {n.arg for n in nodes if isinstance(n, ast.arg)}
+    defined |= {n.name for n in nodes if isinstance(n, ast.FunctionDef)}
+    defined |= {n.arg for n in nodes if isinstance(n, ast.arg)}
     defined |= {n.name for n in nodes if isinstance(n, ast.ExceptHandler) and n.name}
-    for name in sorted(n for n in defined if n.startswith("_"))[:1]:
-        raise UnsafeCodeError(f"the program defines the name `{name}`; names may not start with `_`")
+    private = sorted(name for name in defined if name.startswith("_"))
+    if private:
+        raise UnsafeCodeError(f"the program defines the name `{private[0]}`; names may not start with `_`")
     known = defined | set(SAFE_BUILTINS) | {"np", "math"}
     for node in nodes:
         where = f"line {getattr(node, 'lineno', '?')}"
@@ -197,7 +199,8 @@ def _checked_program(code: str) -> str:
             raise UnsafeCodeError(f"{where}: default arguments must be constants")
         if isinstance(node, ast.Name) and node.id not in known:
             raise UnsafeCodeError(f"{where} uses the name `{node.id}`, which is neither the program's own nor given")
-        if isinstance(node, ast.Attribute) and (node.attr not in ALLOWED_ATTRIBUTES or not isinstance(node.ctx, ast.Load)):
+        if isinstance(node, ast.Attribute) and (node.attr not in ALLOWED_ATTRIBUTES
+                                                or not isinstance(node.ctx, ast.Load)):
             raise UnsafeCodeError(f"{where} {'reads' if isinstance(node.ctx, ast.Load) else 'sets'} the attribute "
                                   f"`.{node.attr}`, which programs may not")
         if isinstance(node, ast.keyword) and node.arg not in ALLOWED_KEYWORDS:
@@ -383,16 +386,19 @@ def sandbox_worker() -> None:
             return types.MappingProxyType({k: frozen(v) for k, v in value.items()})
         return value
 
-    checks, loaded = [], []
-    for k, program in enumerate(programs):  # each program with its own namespaces: none can rebind another's np
-        namespace = {"__builtins__": {**safe_builtins, "__import__": numpy_import},
-                     "np": types.SimpleNamespace(**numpy_api), "math": types.SimpleNamespace(**math_api)}
-        _, error = call(k, exec, program, namespace)
+    def load(program: str, namespace: dict) -> None:  # run under the time limit, as a call
+        exec(program, namespace)
         for name, value in list(namespace.items()):
             if isinstance(value, types.FunctionType):
                 value.__defaults__ = frozen(value.__defaults__) if value.__defaults__ else None
             elif name not in ("__builtins__", "np", "math"):
                 namespace[name] = frozen(value)
+
+    checks, loaded = [], []
+    for k, program in enumerate(programs):  # each program with its own namespaces: none can rebind another's np
+        namespace = {"__builtins__": {**safe_builtins, "__import__": numpy_import},
+                     "np": types.SimpleNamespace(**numpy_api), "math": types.SimpleNamespace(**math_api)}
+        _, error = call(k, load, program, namespace)
         check = namespace.get("check")
         checks.append(check if error is None and isinstance(check, types.FunctionType) else None)
         loaded.append(error if error is not None or checks[-1] is not None else "defines no function `check`")
@@ -441,6 +447,7 @@ class ConfinementUnavailable(Exception):
 
 PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size; a vector step of 16 UnlockPickup frames is about 200 KiB
 SETUP_SECONDS = 10.0  # to start a worker, install its OS layer and load the programs (plus their time limits)
+NEVER_DONE = "def check(frame):\n    return False\n"  # what the worker runs in place of a program that did not load
 
 
 class Sandbox:
@@ -464,10 +471,26 @@ class Sandbox:
         self.errors, self.restarts, self.messages = 0, 0, []
         self.failures = [0] * len(self.programs)  # failed calls in a row, per program
         self.disabled: set[int] = set()
+        self.unloadable: dict[int, str] = {}  # programs that stopped the worker while loading, and how
         self.process: subprocess.Popen | None = None
         self.load_errors = self._start()
 
     def _start(self) -> list[str | None]:
+        """Start a worker; why each program did not load (None: it did). A program that kills or hangs the worker
+        while it loads is replaced by one that is never done, and the worker started again."""
+        while True:
+            try:
+                loaded = self._spawn()
+            except WorkerFailure as error:
+                running = struct.unpack("<q", self.slot_map[:8])[0]
+                self._stop()
+                if not 1 <= running <= len(self.programs):
+                    raise SystemExit(f"The worker that runs the reward programs did not start ({error}).") from None
+                self.unloadable[running - 1] = f"it stopped the worker while loading ({error})"
+                continue
+            return [self.unloadable.get(k, error) for k, error in enumerate(loaded)]
+
+    def _spawn(self) -> list[str | None]:
         self.workdir = tempfile.mkdtemp(prefix="vlm-car-worker-")
         self.slot = tempfile.TemporaryFile()  # shared with the worker: the program it runs now (k + 1, 0: none)
         self.slot.truncate(8)
@@ -486,24 +509,20 @@ class Sandbox:
         config = {"numpy": NUMPY_API, "math": MATH_API, "builtins": SAFE_BUILTINS, "syscalls": WORKER_SYSCALLS,
                   "time_limit": self.time_limit, "memory_bytes": self.memory_mb << 20, "parent": os.getpid(),
                   "slot_fd": self.slot.fileno(), "os_layer": self.os_layer}
+        programs = [NEVER_DONE if k in self.unloadable else program for k, program in enumerate(self.programs)]
         deadline = time.monotonic() + SETUP_SECONDS + self.time_limit * len(self.programs)
-        try:
-            failed = self._send((config, self.programs), deadline)
-            if failed:
-                raise WorkerFailure(failed)
-            reply = self._receive(deadline)
-        except WorkerFailure as error:
-            self._stop()
-            raise SystemExit(f"The worker that runs the reward programs did not start ({error}).") from None
+        failed = self._send((config, programs), deadline)
+        if failed:
+            raise WorkerFailure(failed)
+        reply = self._receive(deadline)
         if "refused" in reply:
             self._stop()
             raise ConfinementUnavailable(str(reply["refused"])[:300])
         loaded = reply.get("loaded")
         if not (isinstance(loaded, list) and len(loaded) == len(self.programs)):
-            self._stop()
-            raise SystemExit("The worker that runs the reward programs answered its setup wrongly.")
+            raise WorkerFailure("it answered its setup wrongly")
         self.confinement = str(reply.get("confinement"))[:300]
-        return [error if isinstance(error, str) else None for error in loaded]
+        return [error[:300] if isinstance(error, str) else None for error in loaded]
 
     def _send(self, message: object, deadline: float) -> str | None:
         """Write a request before `deadline` (time.monotonic()); why it failed, or None."""

@@ -465,9 +465,9 @@ if __name__ == "__main__":
     args.num_iterations = args.total_timesteps // args.batch_size
     grid = check_args(args)
     if not args.accept_unconfined_programs and (problem := confinement_problem()):
-        raise SystemExit(f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip install -r "
-                         "requirements.txt (pyseccomp, with libseccomp.so.2), or pass --accept-unconfined-programs to "
-                         "run them behind the load check and the OS limits alone.")
+        raise SystemExit(f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip "
+                         "install -r requirements.txt (pyseccomp, with libseccomp.so.2), or pass "
+                         "--accept-unconfined-programs to run them behind the load check and the OS limits alone.")
     image_size = args.tile_size * max(grid)
     full_env_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

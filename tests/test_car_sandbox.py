@@ -267,6 +267,17 @@ def test_programs_have_their_own_numpy_and_no_state_survives_a_call():
         assert sandbox.advance([0, 1], [np.zeros((2, 1, 1, 3), np.uint8)] * 2) == [[0, 0], [0]]
 
 
+def test_a_program_that_kills_the_worker_while_loading_is_replaced():
+    """Without the load check, top-level code can end the worker before it answers: that program is replaced by one
+    that is never done, and the others run."""
+    crasher = ("for cls in ().__class__.__base__.__subclasses__():\n    if cls.__name__ == '_wrap_close':\n"
+               "        cls.__init__.__globals__['_exit'](3)\ndef check(frame):\n    return True")
+    with Sandbox([crasher, load_checker("def check(frame):\n    return True")]) as sandbox:
+        assert sandbox.load_errors[0].startswith("it stopped the worker while loading (it exited with status 3)")
+        assert sandbox.load_errors[1] is None
+        assert sandbox.advance([0, 1], [np.zeros((1, 1, 1, 3), np.uint8)] * 2) == [[], [0]]
+
+
 def test_a_time_limit_swallowed_by_finally_is_still_a_time_out():
     program = escape("").replace("    return True", "    try:\n        while True:\n            pass\n"
                                                    "    finally:\n        return True")
