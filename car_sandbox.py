@@ -291,10 +291,12 @@ def sandbox_worker() -> None:
         os.setuid(65534)
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig, pr_set_dumpable, pr_set_no_new_privs = 1, 4, 38
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
+    prctl = getattr(libc, "prctl", None)  # Linux's
+    if prctl is not None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
+        prctl(pr_set_dumpable, 0, 0, 0, 0)  # no ptrace, no /proc/<pid>/mem or environ for processes of its uid
     if os.getppid() != config["parent"]:  # the trainer died before the signal was set
         os._exit(0)
-    libc.prctl(pr_set_dumpable, 0, 0, 0, 0)  # no ptrace, no /proc/<pid>/mem or environ for other processes of its uid
     # the slot where the parent reads which program runs, should this process hang or die
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -314,7 +316,9 @@ def sandbox_worker() -> None:
     def confine() -> str:
         """The OS layer: no new privileges, Landlock where the kernel has it, then a default-deny seccomp filter. What
         holds, in words; raises ImportError or OSError when the filter cannot be installed."""
-        if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        if prctl is None:
+            raise OSError("no prctl: the OS layer needs Linux")
+        if prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
         if seccomp is None:
             raise ImportError(missing["pyseccomp"])

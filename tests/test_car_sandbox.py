@@ -278,6 +278,17 @@ def test_a_program_that_kills_the_worker_while_loading_is_replaced():
         assert sandbox.advance([0, 1], [np.zeros((1, 1, 1, 3), np.uint8)] * 2) == [[], [0]]
 
 
+def test_a_program_that_crashes_the_worker_is_blamed_and_disabled():
+    """Without the load check a program can crash the worker (a segfault, as `resize(refcheck=False)` on a live view
+    can): each crash restarts it and counts against the program, which is disabled after max_failures."""
+    crasher = escape("ctypes = b['__import__']('ctypes')\n    ctypes.string_at(0)")
+    with Sandbox([crasher], max_failures=2) as sandbox:
+        for _ in range(3):
+            assert sandbox.advance([0], [np.zeros((1, 1, 1, 3), np.uint8)]) == [[]]
+        assert sandbox.restarts == 2 and sandbox.errors == 2 and sandbox.disabled == {0}
+        assert "it exited with status -11" in sandbox.messages[0]
+
+
 def test_a_time_limit_swallowed_by_finally_is_still_a_time_out():
     program = escape("").replace("    return True", "    try:\n        while True:\n            pass\n"
                                                    "    finally:\n        return True")
