@@ -12,6 +12,7 @@ optionally on a 4-bit base model.
 Unlike the authors' code, the thought / action split comes from the decoded text's character offsets,
 not from hard-coded token ids (theirs did not match their own tokenizer); every env's prompt shows that
 env's own formula; and generation is batched over --num-envs envs with the KV cache (theirs: one env per GPU).
+Under bf16 the old log-probs are recomputed by the update's own forward pass, so PPO's first ratio is exactly 1.
 
     python ppo_vlm_cot.py --env-id NumberLine
     accelerate launch --num_processes 2 ppo_vlm_cot.py --env-id EZPoints --load-in-4bit
@@ -54,7 +55,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 import text_envs
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
-FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+# taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on NumberLine): a stand-in when the Hub is out of reach
+FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-cot"
 # Every linear layer of the language model (attention and MLP), not the vision tower, connector or lm_head:
 # SmolVLM / Idefics3 `text_model`, LLaVA / LLaVA-NeXT / Qwen2-VL `language_model`, others `model`.
 LANGUAGE_MODEL_LINEAR = (r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\."
@@ -221,10 +223,13 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         return model_id, False
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
+        if not (FALLBACK_MODEL_DIR / "config.json").is_file():
+            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the offline "
+                             f"model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, or pass --model-id.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
-              f"its numbers say nothing about the paper.\n{bar}", file=sys.stderr)
+              f"Falling back to {FALLBACK_MODEL_DIR}, a small VLM taught offline on NumberLine,\n"
+              f"NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.\n{bar}", file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
                     "check the id, download the model first, or pass a local directory.")

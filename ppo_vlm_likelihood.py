@@ -9,7 +9,9 @@ LoRA adapters of the language model and the value head train, optionally on a 4-
 
 Unlike the authors' code, scores are log-probabilities (log_softmax over the vocabulary, not raw
 logits), and each state's prefix, image included, is encoded once and its KV cache reused for every
-action, in rollouts and in the PPO update. Run: `python ppo_vlm_likelihood.py --env-id FrozenLake8x8`;
+action, in rollouts and in the PPO update; advantages are normalised over the whole rollout batch (theirs per
+minibatch, where 2 samples always become -1 / +1); each frame is one image tile (--image-splitting: the processor's
+own tiling). Run: `python ppo_vlm_likelihood.py --env-id FrozenLake8x8`;
 `accelerate launch --num_processes 4 ppo_vlm_likelihood.py ...` for several GPUs.
 """
 
@@ -49,7 +51,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 import text_envs
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
-FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+# taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on FrozenLake8x8): a stand-in when the Hub is out of reach
+FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-likelihood"
 # q/k/v of the language model's self-attention only (not the vision tower, not cross-attention):
 # SmolVLM / Idefics2 / Idefics3 `text_model`, LLaVA / Qwen2-VL `language_model`, Idefics (v1) and text-only LMs `model`.
 LANGUAGE_MODEL_QKV = r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj)"
@@ -148,6 +151,12 @@ class Args:
     """mini-batches whose gradients are summed before each optimizer step"""
     eval_episodes: int = 0
     """episodes to evaluate the agent on after training (with --total-timesteps 0: the untuned model)"""
+    eval_greedy: bool = False
+    """evaluate the most likely action instead of a sampled one"""
+    eval_seeds: list[int] | None = None
+    """evaluate on new envs with these seeds (FrozenLake8x8: held-out maps) instead of the training envs' seeds"""
+    env_seeds: list[int] | None = None
+    """the training envs' seeds, --num-envs per process (FrozenLake8x8: one map each); default: seed, seed + 1, ..."""
     random_policy: bool = False
     """evaluate a uniformly random policy instead of the VLM (needs --total-timesteps 0 and --eval-episodes N)"""
 
@@ -235,10 +244,13 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         return model_id, False
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
+        if not (FALLBACK_MODEL_DIR / "config.json").is_file():
+            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the offline "
+                             f"model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, or pass --model-id.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
-              f"its numbers say nothing about the paper.\n{bar}", file=sys.stderr)
+              f"Falling back to {FALLBACK_MODEL_DIR}, a small VLM taught offline on FrozenLake8x8,\n"
+              f"NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.\n{bar}", file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
                      "check the id, download the model first, or pass a local directory.")
@@ -560,7 +572,11 @@ if __name__ == "__main__":
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if args.num_envs is None:
-        args.num_envs = 2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
+        args.num_envs = len(args.env_seeds) // world if args.env_seeds else \
+            2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
+    if args.env_seeds and len(args.env_seeds) != args.num_envs * world:
+        raise SystemExit(f"--env-seeds gives {len(args.env_seeds)} seeds for {args.num_envs} envs x {world} processes: "
+                         "give one seed per env.")
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // (args.batch_size * world)
@@ -580,7 +596,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # env and agent setup: everything that can fail on a bad flag happens before a run directory exists
-    env_seeds = [args.seed + rank * args.num_envs + i for i in range(args.num_envs)]
+    env_seeds = (args.env_seeds or [args.seed + i for i in range(args.num_envs * world)])[
+        rank * args.num_envs:(rank + 1) * args.num_envs]
     action_names = env_action_names(args.env_id)
     agent = None if args.random_policy else build_agent(args, action_names, device)
     envs = make_envs(args.env_id, env_seeds, args.image_size, with_image=agent is not None and agent.with_image)
@@ -801,11 +818,12 @@ if __name__ == "__main__":
     envs.close()
 
     if args.eval_episodes > 0 and writer is not None:
-        eval_envs = make_envs(args.env_id, env_seeds, args.image_size, agent.with_image)
+        eval_envs = make_envs(args.env_id, args.eval_seeds or env_seeds, args.image_size, agent.with_image)
 
         def policy(obs: dict) -> np.ndarray:
             with torch.no_grad():
-                return agent.get_action_and_value(*agent.observe(obs))[0].cpu().numpy()
+                scores, _ = agent.scores_and_value(*agent.observe(obs))
+            return (scores.argmax(-1) if args.eval_greedy else Categorical(logits=scores).sample()).cpu().numpy()
 
         episodes = evaluate(policy, eval_envs, args.eval_episodes)
         log_evaluation(writer, episodes, args.model_id)

@@ -4,8 +4,11 @@ Paper: Zhai et al. 2024, "Fine-Tuning Large Vision-Language Models as Decision-M
 Reinforcement Learning" (https://rl4vlm.github.io). RL4VLM fine-tunes LLaVA on task data before RL
 (the "LLaVA-sft" row) and starts PPO from that checkpoint; their SFT code was not released. This script
 is that stage for both PPO scripts of this repo, in their exact prompt formats:
-  --format likelihood: the state prompt P and the action prompt Q_a of ppo_vlm_likelihood.py; the loss is
-      -(1/|Q_a|) sum_t log p(Q_a,t | P, Q_a,<t) for the demonstrated action a (eq. 1's score of a, maximised).
+  --format likelihood: the state prompt P and the action prompts Q_i of ppo_vlm_likelihood.py; the loss is
+      -log pi(a | s) = -log softmax_i(score_i)[a] for the demonstrated action a, the policy PPO samples from
+      (--loss policy), or -score_a = -(1/|Q_a|) sum_t log p(Q_a,t | P, Q_a,<t), language-model SFT on Q_a's tokens
+      (--loss tokens). Under eq. 1's mean the one differing word is averaged over the whole action prompt, so
+      --loss tokens makes the right word likely while the sampled policy stays near uniform.
   --format cot: the task prompt v_in of ppo_vlm_cot.py and a JSON answer in the paper's form whose thoughts are
       written from the true state; the loss is the mean negative log-likelihood of the answer's tokens.
 Prompts, images and token scoring come from the PPO scripts themselves, so SFT trains the very strings that PPO
@@ -82,6 +85,11 @@ class Args:
     """the prompt format to teach: ppo_vlm_likelihood.py's state + action prompts, or ppo_vlm_cot.py's JSON answer"""
     env_id: str = "FrozenLake8x8"
     """the id of the environment (a text_envs short id, or a full MiniGrid-*/BabyAI-*/FrozenLake* id)"""
+    loss: Literal["policy", "tokens"] = "policy"
+    """with --format likelihood: -log pi(a|s) of the script's softmax over eq. 1 scores (behaviour cloning of the
+    policy PPO samples), or the mean NLL of the demonstrated action prompt's tokens (language-model SFT)"""
+    reduction: Literal["mean", "sum", "word"] = "mean"
+    """with --format likelihood: how action-prompt log-probs become scores (ppo_vlm_likelihood.py's --reduction)"""
     cot: bool = True
     """with --format cot: thoughts before the action (--no-cot: the action-only answer of ppo_vlm_cot.py --no-cot)"""
     expert_noise: float = 0.2
@@ -200,8 +208,10 @@ def sft_loss(args: Args, model: nn.Module, processor: object, agent: likelihood.
     images = np.stack([d.image for d in batch])
     if args.format == "likelihood":
         prompts, images = agent.observe({"text": [d.text for d in batch], "image": images})
-        # eq. 1 with "mean": the mean token log-likelihood of each action prompt; the demonstrated one is maximised
-        scores = likelihood.score_actions(model, processor, prompts, images, agent.action_prompts, "mean")
+        # eq. 1: score_i = mean token log-likelihood of action prompt i; pi(a | s) = softmax_i(score_i)
+        scores = likelihood.score_actions(model, processor, prompts, images, agent.action_prompts, agent.reduction)
+        if args.loss == "policy":
+            scores = scores.log_softmax(-1)
         return -scores[torch.arange(len(batch)), torch.tensor([d.action for d in batch])].mean()
     output = answer_output(processor.tokenizer, [d.answer for d in batch], end_token_id(model, processor), model.device)
     prompts = [cot.chat_prompt(processor, d.text) for d in batch]
@@ -287,7 +297,7 @@ if __name__ == "__main__":
     agent = None
     if args.format == "likelihood":
         agent = likelihood.Agent(model, processor, action_names, likelihood.state_template(args.env_id),
-                                 likelihood.ACTION_TEMPLATE, "mean", with_image=reads_images)
+                                 likelihood.ACTION_TEMPLATE, args.reduction, with_image=reads_images)
 
     if args.track:
         import wandb

@@ -1,6 +1,7 @@
 """Teach the two small offline VLMs of the likelihood and CoT scripts on this CPU, bit for bit from a seed.
 
     python assets/teach_tiny_vlm.py            # rewrites assets/tiny-smolvlm-likelihood and assets/tiny-smolvlm-cot
+    python assets/teach_tiny_vlm.py tiny-smolvlm-cot                        # one of them
 
 Each model is a SmolVLM (Idefics3) with random weights from make_tiny_vlm.build_teachable_smolvlm, its tokenizer
 trained on the prompts of the script it serves, then taught by sft_vlm.py (every weight, --lora-r 0) on noisy
@@ -34,7 +35,7 @@ TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
                                         "--num-epochs", "4", "--learning-rate", "1e-3", "--batch-size", "32",
                                         "--eval-freq", "1"]),
     "tiny-smolvlm-cot": (128, 16, ["--format", "cot", "--env-id", "NumberLine", "--num-demos", "1000",
-                                   "--num-epochs", "8", "--eval-freq", "2", "--learning-rate", "1e-3", "--batch-size", "32",
+                                   "--num-epochs", "24", "--eval-freq", "6", "--learning-rate", "1e-3", "--batch-size", "32",
                                    "--max-new-tokens", "64"]),
 }
 
@@ -55,7 +56,8 @@ def prompt_corpus(flags: list[str]) -> list[str]:
 if __name__ == "__main__":
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (image_size, patch_size, flags) in TEACHING.items():
+        for name in sys.argv[1:] or TEACHING:  # the models to teach, by folder name (default: both)
+            image_size, patch_size, flags = TEACHING[name]
             init = build_teachable_smolvlm(str(Path(tmp) / name), prompt_corpus(flags), image_size, patch_size)
             command = [sys.executable, str(REPO / "sft_vlm.py"), "--model-id", init, "--lora-r", "0",
                        "--output-dir", str(ASSETS / name), "--exp-name", f"teach_{name}", *flags]

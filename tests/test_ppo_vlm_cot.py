@@ -363,7 +363,7 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
                    "--max-new-tokens", "4", "--num-envs", "1")
     assert len(g["episodes"]) == 1
     captured = capsys.readouterr()
-    assert "RANDOM weights" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
+    assert "taught offline" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
     monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()

@@ -461,7 +461,7 @@ def test_default_model_falls_back_loudly_and_fast(monkeypatch, capsys) -> None:
     assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID) == (str(ppo.FALLBACK_MODEL_DIR), True)  # HF_HUB_OFFLINE=1
     assert time.time() - start < 2
     warning = capsys.readouterr().err
-    assert "WARNING" in warning and "RANDOM weights" in warning
+    assert "WARNING" in warning and "taught offline" in warning
 
     monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
@@ -491,7 +491,7 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     g = run_script(monkeypatch, tmp_path, "--env-id", "FrozenLake8x8", "--total-timesteps", "0", "--eval-episodes", "1")
     assert len(g["episodes"]) == 1
     captured = capsys.readouterr()
-    assert "RANDOM weights" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
+    assert "taught offline" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
 
 
 @pytest.mark.parametrize(
@@ -508,6 +508,7 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
         (["--state-template", "no placeholder"], "--state-template must contain {description}"),
         (["--num-steps", "4", "--num-envs", "1", "--num-minibatches", "8"], "exceeds the batch"),
         (["--resume", "no-such-checkpoint"], "is not a checkpoint directory"),
+        (["--env-seeds", "1", "2", "3", "--num-envs", "2"], "give one seed per env"),
     ],
 )
 def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeypatch, tmp_path: Path) -> None:
@@ -567,3 +568,19 @@ def test_advantages_are_normalised_over_the_whole_batch(tiny_smolvlm_path: str, 
     last = [int(i) for i in g["mb_inds"]]
     assert abs(g["pg_loss"].item() + float(adv[last].mean())) < 1e-5  # ratio 1: the loss is -mean(advantage)
     assert abs(float(adv[last].mean())) > 1e-3
+
+
+def test_env_seeds_choose_the_maps_and_eval_seeds_hold_out(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
+                                                           capsys) -> None:
+    """--env-seeds sets the training envs (one FrozenLake map each, --num-envs following them); --eval-seeds evaluates
+    on other maps, one episode each here; --eval-greedy takes the argmax action, so two evaluations agree."""
+    lengths = []
+    for _ in range(2):
+        g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-seeds", "7", "11", "--lora-r", "8",
+                       "--total-timesteps", "0", "--eval-episodes", "3", "--eval-seeds", "20", "21", "22",
+                       "--eval-greedy")
+        assert g["args"].num_envs == 2 and g["env_seeds"] == [7, 11]
+        assert [e.get_wrapper_attr("grid").tolist() for e in g["eval_envs"].envs] == [
+            text_envs.make_env("FrozenLake8x8", s).get_wrapper_attr("grid").tolist() for s in (20, 21, 22)]
+        lengths.append([e[1] for e in g["episodes"]])
+    assert lengths[0] == lengths[1]
