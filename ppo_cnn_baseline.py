@@ -70,6 +70,8 @@ class Args:
     """the learning rate of the optimizer"""
     num_envs: int = 4
     """the number of parallel game environments"""
+    env_seeds: list[int] | None = None
+    """the envs' seeds (FrozenLake8x8: one map each), setting --num-envs; default: seed, seed + 1, ..."""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -128,8 +130,8 @@ def make_envs(args: Args, run_name: str) -> gym.vector.SyncVectorEnv:
     """The training vector env; SAME_STEP autoreset puts each episode's last observation in infos["final_obs"]."""
     return gym.vector.SyncVectorEnv(
         [
-            make_env(args.env_id, args.seed + i, i, args.capture_video, run_name, args.obs, args.image_size, args.action_set)
-            for i in range(args.num_envs)
+            make_env(args.env_id, seed, i, args.capture_video, run_name, args.obs, args.image_size, args.action_set)
+            for i, seed in enumerate(args.env_seeds or range(args.seed, args.seed + args.num_envs))
         ],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
@@ -347,6 +349,7 @@ def evaluate(
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    args.num_envs = len(args.env_seeds) if args.env_seeds else args.num_envs
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size

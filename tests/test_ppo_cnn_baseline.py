@@ -195,3 +195,11 @@ def test_bad_input_exits_non_zero_without_traceback(tmp_path, full_run, flags, m
     assert len(lines) == 1 and lines[0].endswith("."), done.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_env_seeds_pick_the_maps_and_the_number_of_envs():
+    """--env-seeds builds one env per seed (FrozenLake8x8: that seed's map), whatever --num-envs says."""
+    args = ppo.Args(env_id="FrozenLake8x8", obs="state", env_seeds=[7, 11, 13])
+    envs = ppo.make_envs(args, run_name="")
+    grids = [e.get_wrapper_attr("grid").tolist() for e in envs.envs]
+    assert grids == [ppo.text_envs.make_env("FrozenLake8x8", s).get_wrapper_attr("grid").tolist() for s in (7, 11, 13)]
