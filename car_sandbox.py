@@ -724,6 +724,7 @@ def save_programs(path: str | Path, env_id: str, checker_input: str, tile_size: 
 
 
 MAX_MANIFEST_BYTES = 1 << 16
+MAX_FOLDER_PROGRAMS = 32
 
 
 def read_small_file(path: Path, limit: int) -> str:
@@ -752,6 +753,8 @@ def load_programs(path: str, env_id: str, checker_input: str, tile_size: int) ->
         subtasks, files = [str(s) for s in manifest["subtasks"]], [str(f) for f in manifest["files"]]
         if any(Path(name).name != name or name in ("", ".", "..") for name in files):
             raise ValueError("programs.json names a file outside the folder")
+        if len(files) > MAX_FOLDER_PROGRAMS:
+            raise ValueError(f"programs.json names {len(files)} files, more than {MAX_FOLDER_PROGRAMS}")
         codes = [read_small_file(Path(path) / name, 4 * MAX_PROGRAM_CHARS) for name in files]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise SystemExit(f"--reward-programs {path} is not a folder of reward programs ({type(error).__name__}: "

@@ -214,7 +214,8 @@ FAIL_AT_RUN = {
     "deep recursion": "def check(frame):\n    return check(frame)",
     "huge allocation": "def check(frame):\n    return np.ones(300_000_000).sum() > 0",
     "memory grows": "def check(frame):\n    x = [frame.tolist()]\n    while True:\n        x = x + x",
-    "long C call": "def check(frame):\n    x = np.ones((5000, 5000))\n    return x.dot(x).sum() > 0",
+    # one BLAS call of seconds (686 GFLOP): the timer cannot stop it, the trainer's deadline does
+    "long C call": "def check(frame):\n    x = np.ones((7000, 7000), np.float32)\n    return x.dot(x).sum() > 0",
     "writes into the frame": "def check(frame):\n    frame[:] = 0\n    return True",
     "not a bool": "def check(frame):\n    return frame",
     "raises": "def check(frame):\n    return 1 / 0 > 0",
@@ -365,7 +366,7 @@ def test_the_worker_dies_with_its_trainer():
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split(")")[-1][:3]
 
 
-@pytest.mark.parametrize("kind", ["fifo", "device", "huge", "outside", "nested json"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge", "outside", "nested json", "too many"])
 def test_a_folder_of_programs_reads_only_small_regular_files(kind, tmp_path):
     folder = tmp_path / "programs"
     save_programs(folder, "MiniGrid-DoorKey-8x8-v0", "frame", 8, ["a"], ["def check(frame):\n    return True\n"])
@@ -381,8 +382,11 @@ def test_a_folder_of_programs_reads_only_small_regular_files(kind, tmp_path):
     elif kind == "outside":
         manifest["files"] = ["../../../../../../dev/zero"]
         (folder / "programs.json").write_text(json.dumps(manifest))
-    else:
+    elif kind == "nested json":
         (folder / "programs.json").write_text("[" * 100_000)
+    else:
+        manifest["subtasks"], manifest["files"] = ["a"] * 1000, ["subtask_1.py"] * 1000
+        (folder / "programs.json").write_text(json.dumps(manifest))
     start = time.monotonic()
     with pytest.raises(SystemExit, match=r"is not a folder of reward programs \("):
         load_programs(str(folder), "MiniGrid-DoorKey-8x8-v0", "frame", 8)
