@@ -472,6 +472,8 @@ def raw_programs(target: str, victim: int, other_worker: int, port: int) -> dict
         "trainer environ after closing fd 0": ("os.close(0)\n"
                                                "    assert b['open']('/proc/%d/environ' % os.getppid(), 'rb').read()"),
         "victim cmdline": f"assert b['open']('/proc/{victim}/cmdline', 'rb').read()",
+        "another run's worker's memory": f"b['open']('/proc/{other_worker}/mem', 'rb')",
+        "ptrace another run's worker": f"r = libc.ptrace(16, {other_worker}, 0, 0)\n    {libc_ok}",
         "own environ": "b['open']('/proc/self/environ', 'rb').read()",
         "own memory": "b['open']('/proc/self/mem', 'rb')",
         "list /proc": "assert os.listdir('/proc')",
