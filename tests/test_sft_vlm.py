@@ -170,3 +170,19 @@ def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeyp
     """Each user mistake ends the run with one line that says what to do, before a run directory exists."""
     assert expected in script_error(monkeypatch, tmp_path, *argv)
     assert not (tmp_path / "runs").exists()
+
+
+def test_teaching_rebuilds_bit_for_bit(monkeypatch, tmp_path: Path) -> None:
+    """assets/teach_tiny_vlm.py's two steps repeat exactly: the same seed and corpus give the same initial model, and
+    sft_vlm.py from it gives the same weights byte for byte (one torch thread, as the command runs it)."""
+    from make_tiny_vlm import build_teachable_smolvlm
+
+    corpus = [likelihood.FROZENLAKE_STATE_TEMPLATE.format(description="You are on row 1.")] * 5
+    weights = []
+    for i in range(2):
+        init = build_teachable_smolvlm(str(tmp_path / f"init{i}"), corpus, 64, 8)
+        run_script(monkeypatch, tmp_path, "--model-id", init, "--lora-r", "0", "--output-dir", str(tmp_path / f"out{i}"),
+                   "--num-demos", "2", "--num-epochs", "1", "--eval-episodes", "0", "--batch-size", "8")
+        weights.append(((tmp_path / f"init{i}" / "model.safetensors").read_bytes(),
+                        (tmp_path / f"out{i}" / "model.safetensors").read_bytes()))
+    assert weights[0] == weights[1] and weights[0][0] != weights[0][1]
