@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Self
@@ -452,6 +453,7 @@ class ConfinementUnavailable(Exception):
 
 PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size; a vector step of 16 UnlockPickup frames is about 200 KiB
 SETUP_SECONDS = 10.0  # to start a worker, install its OS layer and load the programs (plus their time limits)
+RECENT_FRAMES = 16  # per env, the frames its next program found not done that are not sent again
 NEVER_DONE = "def check(frame):\n    return False\n"  # what the worker runs in place of a program that did not load
 
 
@@ -672,33 +674,45 @@ class SubtaskProgress:
     call; `collect` (called one step later: the worker checks while the agent acts) returns the sub-tasks each env
     completed in that step, and the sub-tasks completed in the episodes that ended in that step, whose progress starts
     again from 0. An env that has completed every sub-task is not checked again in its episode, and an env whose frame
-    is the one its next program last found not done is not sent: a validated program keeps no state (its constants
-    are frozen, its namespaces its own), so its answer depends on the frame alone. Most steps of a MiniGrid episode
-    (turns into walls, pick-ups of nothing) leave the frame as it was: about 60% under random play."""
+    is one of the last RECENT_FRAMES that its next program found not done is not sent: a validated program keeps no
+    state (its constants are frozen, its namespaces its own), so its answer depends on the frame alone. Under random
+    play about 60% of MiniGrid steps leave the frame as it was (turns into walls, pick-ups of nothing) and about 77%
+    show one of the last 16 frames (turning in place)."""
 
     def __init__(self, sandbox: Sandbox, num_envs: int):
         self.sandbox = sandbox
         self.progress = np.zeros(num_envs, dtype=np.int64)  # sub-tasks completed, in order, in each env's episode
-        self.not_done: list[tuple[int, np.ndarray] | None] = [None] * num_envs  # (program, frame) it found not done
-        self.pending: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = None  # active envs, ended envs, frames
+        # per env: the program it is at, and the frames (by CRC) that program found not done
+        self.not_done: list[tuple[int, dict[int, np.ndarray]]] = [(0, {}) for _ in range(num_envs)]
+        self.pending: tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]] | None = None
 
     def submit(self, frames: np.ndarray, ended: np.ndarray) -> None:
-        active = np.array([i for i in np.flatnonzero(self.progress < len(self.sandbox.programs))
-                           if not self._seen(i, frames[i])], dtype=np.int64)
-        self.sandbox.submit(self.progress[active].tolist(), [frames[i][None] for i in active])
-        self.pending = (active, ended, [frames[i].copy() for i in active])
+        candidates = np.flatnonzero(self.progress < len(self.sandbox.programs))
+        sent = [(i, zlib.crc32(frame), frame) for i, frame in ((i, np.ascontiguousarray(frames[i])) for i in candidates)]
+        sent = [(i, crc, frame) for i, crc, frame in sent if not self._seen(i, crc, frame)]
+        active = np.array([i for i, _, _ in sent], dtype=np.int64)
+        self.sandbox.submit(self.progress[active].tolist(), [frame[None] for _, _, frame in sent])
+        self.pending = (active, ended, [(crc, frame.copy()) for _, crc, frame in sent])
 
-    def _seen(self, i: int, frame: np.ndarray) -> bool:
-        last = self.not_done[i]
-        return last is not None and last[0] == self.progress[i] and np.array_equal(last[1], frame)
+    def _seen(self, i: int, crc: int, frame: np.ndarray) -> bool:
+        program, frames = self.not_done[i]
+        if program != self.progress[i]:  # a new program: what the last one found says nothing about it
+            self.not_done[i] = (int(self.progress[i]), {})
+            return False
+        return crc in frames and np.array_equal(frames[crc], frame)
 
     def collect(self) -> tuple[np.ndarray, list[int]]:
         active, ended, sent = self.pending
         self.pending = None
         restarts = self.sandbox.restarts
         answers = self.sandbox.collect()
-        for i, steps, frame in zip(active, answers, sent):  # an answer of a restarted worker is no answer
-            self.not_done[i] = (int(self.progress[i]), frame) if not steps and self.sandbox.restarts == restarts else None
+        if self.sandbox.restarts == restarts:  # an answer of a restarted worker is no answer
+            for i, steps, (crc, frame) in zip(active, answers, sent):
+                frames = self.not_done[i][1]
+                if not steps:
+                    frames[crc] = frame
+                    if len(frames) > RECENT_FRAMES:
+                        del frames[next(iter(frames))]
         new = np.zeros(len(self.progress), dtype=np.int64)
         new[active] = [len(steps) for steps in answers]
         self.progress += new

@@ -295,20 +295,20 @@ def test_subtask_progress_counts_each_subtask_once_in_order():
 
 
 def test_subtask_progress_does_not_send_a_frame_its_program_found_not_done():
-    """Frames unchanged since their program said "not done" are not sent again; changed ones, or the next program's
-    turn, are."""
-    program = load_checker("def check(frame):\n    return bool(frame[0, 0, 0] >= 1)")
+    """Frames that the env's next program found not done among its last RECENT_FRAMES are not sent again (an agent
+    turning in place); new frames are."""
+    program = load_checker("def check(frame):\n    return bool(frame[0, 0, 0] == 9)")
     sent = []
     with car.Sandbox([program, program]) as sandbox:
         submit = sandbox.submit
         sandbox.submit = lambda starts, sequences: (sent.append(len(sequences)), submit(starts, sequences))
         dense = SubtaskProgress(sandbox, num_envs=2)
-        for values in [(0, 0), (0, 0), (0, 1), (0, 1), (1, 1)]:
+        for values in [(0, 0), (1, 0), (0, 0), (1, 0), (2, 0), (0, 9), (9, 9)]:
             dense.submit(np.array(values, dtype=np.uint8).reshape(2, 1, 1, 1).repeat(3, axis=3), np.zeros(2, bool))
             dense.collect()
         assert dense.progress.tolist() == [2, 2]
-    # both envs, then nothing new, then env 1 (it completes both), nothing, env 0 (it completes both)
-    assert sent == [2, 0, 1, 0, 1]
+    # both, env 0's new frame, nothing, nothing, env 0's new frame, env 1 (both sub-tasks done), env 0 (both done)
+    assert sent == [2, 1, 0, 0, 1, 1, 1]
 
 
 # DoorKey-8x8 with the reference programs, unverified: 8 iterations of 128 steps, a checkpoint every 2
