@@ -498,6 +498,7 @@ class Sandbox:
             return [self.unloadable.get(k, error) for k, error in enumerate(loaded)]
 
     def _spawn(self) -> list[str | None]:
+        """Start one worker and read its answer to the setup: why each program did not load."""
         self.workdir = tempfile.mkdtemp(prefix="vlm-car-worker-")
         self.slot = tempfile.TemporaryFile()  # shared with the worker: the program it runs now (k + 1, 0: none)
         self.slot.truncate(8)
