@@ -2,26 +2,29 @@
 on its own with hostile programs, and the protocol between the trainer and the worker."""
 
 import ctypes
-import json
+import errno  # noqa: F401 (this and the other noqa imports: what sandbox_worker imports, loaded here so that a
+import json  # worker forked from this process by nobody, who may not read their files, finds them loaded)
 import os
+import pickle  # noqa: F401
 import re
+import resource  # noqa: F401
 import shutil
 import signal
 import socket
+import struct  # noqa: F401
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-# what sandbox_worker imports, imported here so that a worker forked from this process by an unprivileged user has it
-import errno, pickle, resource, struct, types  # noqa: E401, F401, I001
 import landlock  # noqa: F401
+import numpy as np
 import pyseccomp  # noqa: F401
+import pytest
 
 import car_sandbox
 from car_sandbox import ConfinementUnavailable, Sandbox, UnsafeCodeError, load_checker, load_programs, save_programs
@@ -494,7 +497,7 @@ def raw_programs(target: str, victim: int, other_worker: int, port: int) -> dict
 
 
 @pytest.fixture
-def open_tmp() -> Path:
+def open_tmp() -> Iterator[Path]:
     """A folder that nobody can reach (pytest's tmp_path sits in a folder of mode 700)."""
     folder = Path(tempfile.mkdtemp(prefix="car-sandbox-test-"))
     folder.chmod(0o755)
