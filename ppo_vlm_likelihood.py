@@ -245,12 +245,14 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
-            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the offline "
-                             f"model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, or pass --model-id.")
+            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                             "or pass --model-id.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
               f"Falling back to {FALLBACK_MODEL_DIR}, a small VLM taught offline on FrozenLake8x8,\n"
-              f"NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.\n{bar}", file=sys.stderr)
+              f"NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.\n{bar}",
+              file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
                      "check the id, download the model first, or pass a local directory.")

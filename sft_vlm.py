@@ -149,7 +149,8 @@ def cot_answer(env_id: str, action_names: Sequence[str], obs: dict, info: dict, 
         current, target = info["current"], info["target"]
         fields = {"current number": f'"{current}"', "target number": f'"{target}"'}
         way = "add one" if target > current else "subtract one"
-        thought = f"The current number {current} is {'below' if target > current else 'above'} the target {target}, so I {way}."
+        side = "below" if target > current else "above"
+        thought = f"The current number {current} is {side} the target {target}, so I {way}."
     elif env_id in ("EZPoints", "Points24"):
         fields = {"cards": "[" + ", ".join(info["cards"]) + "]", "current formula": info["formula"] or "empty"}
         thought = f"{obs['text']} I append '{action_names[expert]}'."
@@ -352,7 +353,8 @@ if __name__ == "__main__":
             progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
             writer.add_scalar("losses/sft_loss", loss.item(), global_step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], global_step)
-            writer.add_scalar("charts/SPS", int(global_step * args.batch_size / (time.time() - start_time)), global_step)
+            sps = int(global_step * args.batch_size / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
         if args.eval_freq > 0 and epoch % args.eval_freq == 0 and epoch < args.num_epochs and args.eval_episodes > 0:
             run_evaluation(global_step)
     progress.close()

@@ -35,7 +35,8 @@ TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
                                         "--num-epochs", "4", "--learning-rate", "1e-3", "--batch-size", "32",
                                         "--eval-freq", "1"]),
     "tiny-smolvlm-cot": (128, 16, ["--format", "cot", "--env-id", "NumberLine", "--num-demos", "1000",
-                                   "--num-epochs", "24", "--eval-freq", "6", "--learning-rate", "1e-3", "--batch-size", "32",
+                                   "--num-epochs", "24", "--eval-freq", "6", "--learning-rate", "1e-3",
+                                   "--batch-size", "32",
                                    "--max-new-tokens", "64"]),
 }
 

@@ -42,7 +42,7 @@ def trailing_mean(steps: np.ndarray, values: np.ndarray, grid: np.ndarray, windo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", type=pathlib.Path, help="a folder of TensorBoard run folders ({env}__{exp}__{seed}__{t})")
+    parser.add_argument("runs", type=pathlib.Path, help="a folder of run folders named {env}__{exp}__{seed}__{time}")
     parser.add_argument("--tag", default="charts/success_rate")
     parser.add_argument("--window", type=int, default=4096, help="env steps averaged into each point")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("curve.png"))
