@@ -315,11 +315,7 @@ if __name__ == "__main__":
     print(f"{len(demos)} demonstration steps from {args.num_demos} episodes of the expert with noise "
           f"{args.expert_noise} (success {demo_success:.2f}); source: {source}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.lora_r == 0:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA, or every weight with --lora-r 0
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
     steps_per_epoch = -(-len(demos) // args.batch_size)
     total_steps = args.num_epochs * steps_per_epoch
