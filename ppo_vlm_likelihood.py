@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -50,6 +50,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 import text_envs
 
+ALGORITHM = "ppo_vlm_likelihood"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on FrozenLake8x8): a stand-in when the Hub is out of reach
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-likelihood"
@@ -63,7 +64,8 @@ LISTING_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} 
 # Idefics (v1) instruct's dialogue format, written out rather than left to a chat template; the image goes at <image>.
 IDEFICS_V1_PROMPT, IDEFICS_V1_IMAGE = "User:{image}{text}<end_of_utterance>\nAssistant:", "<image>"
 # The leading space separates the action prompt from the chat template's "Assistant:".
-RESUME_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")  # a checkpoint fixes these
+# flags that fix the envs and the network: a checkpoint resumes only with the same values
+ENV_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")
 ACTION_TEMPLATE = " Based on the information provided, the next best action would be to {action}"
 
 
@@ -84,9 +86,15 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     save_model: bool = False
-    """whether to save a resumable checkpoint to `runs/{run_name}/checkpoint` after every iteration"""
+    """whether to save the model into the `runs/{run_name}/model` folder (LoRA adapter and value head)"""
+    eval_episodes: int = 0
+    """the number of episodes of each evaluation after training, greedy and sampled (--total-timesteps 0: the model
+    as loaded)"""
+    checkpoint_freq: int = 1
+    """save a checkpoint to `runs/{run_name}/checkpoint` every this many iterations (0: never)"""
     resume: str | None = None
-    """a checkpoint directory to continue training from (with --total-timesteps 0: to evaluate)"""
+    """path of a checkpoint to continue from (the model flags must be the checkpoint's; --total-timesteps 0: evaluate
+    it)"""
 
     # Model
     model_id: str = DEFAULT_MODEL_ID
@@ -149,10 +157,6 @@ class Args:
     """the target KL divergence threshold"""
     gradient_accumulation_steps: int = 4
     """mini-batches whose gradients are summed before each optimizer step"""
-    eval_episodes: int = 0
-    """episodes to evaluate the agent on after training (with --total-timesteps 0: the untuned model)"""
-    eval_greedy: bool = False
-    """evaluate the most likely action instead of a sampled one"""
     eval_seeds: list[int] | None = None
     """evaluate on new envs with these seeds (FrozenLake8x8: held-out maps) instead of the training envs' seeds"""
     env_seeds: list[int] | None = None
@@ -167,25 +171,6 @@ class Args:
     """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
-
-
-def check_args(args: Args) -> None:
-    """Turn flags that do not fit together into one sentence and a non-zero exit (SystemExit: no traceback)."""
-    if args.random_policy and (args.total_timesteps > 0 or args.eval_episodes == 0):
-        raise SystemExit("--random-policy only evaluates: use it with --total-timesteps 0 and --eval-episodes N.")
-    if args.total_timesteps == 0 and args.eval_episodes == 0:
-        raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
-    if args.no_image and args.image_size is not None:
-        raise SystemExit("--image-size sets the image the VLM sees, so it does not fit with --no-image.")
-    if args.state_template is not None and "{description}" not in args.state_template:
-        raise SystemExit("--state-template must contain {description} (and may contain {actions}).")
-    if "{action}" not in args.action_template:
-        raise SystemExit("--action-template must contain {action}.")
-    if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
-        raise SystemExit(f"--resume {args.resume} is not a checkpoint directory (no trainer_state.pt in it).")
-    if min(args.num_steps, args.num_minibatches, args.update_epochs, args.gradient_accumulation_steps) < 1:
-        raise SystemExit("--num-steps, --num-minibatches, --update-epochs and --gradient-accumulation-steps "
-                         "must be at least 1.")
 
 
 def make_env(env_id: str, seed: int, image_size: int | None, with_image: bool) -> Callable[[], gym.Env]:
@@ -521,6 +506,96 @@ def env_action_names(env_id: str) -> list[str]:
     return list(env.get_wrapper_attr("action_names"))
 
 
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    final_values: torch.Tensor,
+    next_value: torch.Tensor,
+    next_done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns for (num_steps, num_envs) tensors.
+
+    `dones[t]` says that obs[t] starts a new episode (the step before ended one); `final_values[t]` is
+    V(final obs) where step t truncated an episode and 0 elsewhere, so a time limit is not mistaken for the
+    end of the task.
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        # after a truncation nextnonterminal is 0 and final_values[t] carries the bootstrap (CleanRL #198)
+        delta = rewards[t] + gamma * (nextvalues * nextnonterminal + final_values[t]) - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
+def check_args(args: Args, world: int = 1) -> None:
+    """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
+    if args.random_policy and (args.total_timesteps > 0 or args.eval_episodes == 0):
+        raise SystemExit("--random-policy only evaluates: use it with --total-timesteps 0 and --eval-episodes N.")
+    if args.total_timesteps == 0 and args.eval_episodes == 0:
+        raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
+    if args.total_timesteps > 0 and args.num_iterations < 1:
+        raise SystemExit(f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
+                         f"x processes = {args.batch_size * world}): raise it.")
+    if min(args.num_steps, args.num_minibatches, args.update_epochs, args.gradient_accumulation_steps) < 1:
+        raise SystemExit("--num-steps, --num-minibatches, --update-epochs and --gradient-accumulation-steps "
+                         "must be at least 1.")
+    if args.minibatch_size == 0:
+        raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.batch_size} samples "
+                         "per process: lower it.")
+    if args.env_seeds and len(args.env_seeds) != args.num_envs * world:
+        raise SystemExit(f"--env-seeds gives {len(args.env_seeds)} seeds for {args.num_envs} envs x {world} processes: "
+                         "give one seed per env.")
+    if args.no_image and args.image_size is not None:
+        raise SystemExit("--image-size sets the image the VLM sees, so it does not fit with --no-image.")
+    if args.state_template is not None and "{description}" not in args.state_template:
+        raise SystemExit("--state-template must contain {description} (and may contain {actions}).")
+    if "{action}" not in args.action_template:
+        raise SystemExit("--action-template must contain {action}.")
+
+
+def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer (None: a model without one, as
+    --save-model writes), step and RNG, replaced atomically: a run killed while saving keeps its previous one."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+    agent.model.save_pretrained(tmp / "adapter")
+    optimizer_state = {} if optimizer is None else {"optimizer": optimizer.state_dict()}
+    torch.save({**state, "value_head": agent.value_head.state_dict(), **optimizer_state}, tmp / "trainer_state.pt")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, args: Args) -> dict:
+    """Read a checkpoint of this script and check that it was made for the same envs and model as `args`."""
+    try:
+        checkpoint = torch.load(Path(path) / "trainer_state.pt", weights_only=True)
+    except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+    algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
+    if algorithm != ALGORITHM:
+        raise SystemExit(f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
+                         f"{algorithm or 'something else'}): resume it with the script that wrote it.")
+    for flag in ENV_FLAGS:
+        if checkpoint["args"][flag] != getattr(args, flag):
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
+                             f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it.")
+    return checkpoint
+
+
 def evaluate(policy: Callable[[dict], np.ndarray], envs: gym.vector.VectorEnv,
              n_episodes: int) -> list[tuple[float, int, bool]]:
     """(return, length, success) of `n_episodes` episodes, split evenly over the envs (short ones are not favoured)."""
@@ -538,27 +613,13 @@ def evaluate(policy: Callable[[dict], np.ndarray], envs: gym.vector.VectorEnv,
     return [episode for per_env in episodes for episode in per_env]
 
 
-def log_evaluation(writer: SummaryWriter, episodes: list[tuple[float, int, bool]], name: str) -> None:
-    """Write the evaluation episodes to TensorBoard and print their summary."""
-    for i, (episodic_return, _, _) in enumerate(episodes):
-        writer.add_scalar("eval/episodic_return", episodic_return, i)
+def log_evaluation(writer: SummaryWriter, episodes: list[tuple[float, int, bool]], mode: str,
+                   global_step: int) -> None:
+    """Write the evaluation's mean return and success rate (eval/{mode}_...) to TensorBoard and print them."""
     returns, success = np.array([e[0] for e in episodes]), float(np.mean([e[2] for e in episodes]))
-    writer.add_scalar("eval/success_rate", success, 0)
-    print(f"eval ({name}, {len(episodes)} episodes): return {returns.mean():.3f} +- {returns.std():.3f}, "
-          f"success rate {success:.2f}")
-
-
-def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer, step and RNG, replaced atomically."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
-    agent.model.save_pretrained(tmp / "adapter")
-    torch.save({**state, "value_head": agent.value_head.state_dict(), "optimizer": optimizer.state_dict()},
-               tmp / "trainer_state.pt")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    writer.add_scalar(f"eval/{mode}_episodic_return", returns.mean(), global_step)
+    writer.add_scalar(f"eval/{mode}_success_rate", success, global_step)
+    print(f"eval {mode}: episodic_return={returns.mean():.3f} success_rate={success:.2f} over {len(episodes)} episodes")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -570,26 +631,17 @@ def peak_memory_gib(device: torch.device) -> float:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_args(args)
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if args.num_envs is None:
         args.num_envs = len(args.env_seeds) // world if args.env_seeds else \
             2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
-    if args.env_seeds and len(args.env_seeds) != args.num_envs * world:
-        raise SystemExit(f"--env-seeds gives {len(args.env_seeds)} seeds for {args.num_envs} envs x {world} processes: "
-                         "give one seed per env.")
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))
     args.num_iterations = args.total_timesteps // (args.batch_size * world)
-    if args.minibatch_size == 0:
-        raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.batch_size} samples "
-                         "per process: lower it.")
-    resumed = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=True) if args.resume else None
-    if resumed is not None and any(resumed.get(k) != getattr(args, k) for k in RESUME_FLAGS):
-        raise SystemExit(f"--resume {args.resume} was trained with other settings: pass the same "
-                         + " ".join(f"--{k.replace('_', '-')} {resumed.get(k)!r}" for k in RESUME_FLAGS) + ".")
-    run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_args(args, world)
+    checkpoint = load_checkpoint(args.resume, args) if args.resume else None
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
     random.seed(args.seed + rank)
@@ -618,7 +670,7 @@ if __name__ == "__main__":
         envs.action_space.seed(args.seed + rank)
         if writer is not None:
             log_evaluation(writer, evaluate(lambda obs: envs.action_space.sample(), envs, args.eval_episodes),
-                           "random policy")
+                           "random", global_step=0)
             writer.close()
         sys.exit()
 
@@ -628,12 +680,15 @@ if __name__ == "__main__":
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
     global_step, start_iteration = 0, 1
-    if resumed is not None:
+    if checkpoint:
         set_peft_model_state_dict(agent.model, load_file(Path(args.resume) / "adapter" / "adapter_model.safetensors"))
-        agent.value_head.load_state_dict(resumed["value_head"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        global_step, start_iteration = resumed["global_step"], resumed["iteration"] + 1
-        torch.set_rng_state(resumed["rng_states"][rank % len(resumed["rng_states"])])
+        agent.value_head.load_state_dict(checkpoint["value_head"])
+        if "optimizer" in checkpoint:  # a model saved by --save-model has none: Adam starts afresh
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        torch.set_rng_state(checkpoint["rng_states"][rank % len(checkpoint["rng_states"])])
+        if accelerator.is_main_process:
+            print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step={global_step}", flush=True)
     else:
         torch.manual_seed(args.seed + rank)
     if accelerator.is_main_process:
@@ -650,6 +705,7 @@ if __name__ == "__main__":
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    final_values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -682,15 +738,17 @@ if __name__ == "__main__":
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             episode_return, episode_length = episode_return + reward, episode_length + 1
-            truncated = np.flatnonzero(truncations & ~terminations)
-            if len(truncated) > 0:  # bootstrap a time-limit cut: r + gamma * V(final observation)
+            next_done_np = np.logical_or(terminations, truncations)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+
+            final_values[step] = 0.0
+            truncated = np.flatnonzero(truncations & ~terminations)  # out of time, not done: the episode's value goes on
+            if len(truncated) > 0:
                 finals = [infos["final_obs"][i] for i in truncated]
                 final_obs = {key: [final[key] for final in finals] for key in finals[0]}
                 with torch.no_grad():
-                    reward[truncated] += args.gamma * agent.get_value(*agent.observe(final_obs)).cpu().numpy()
-            next_done_np = np.logical_or(terminations, truncations)
-            rewards[step] = torch.tensor(reward).to(device).view(-1)
-            next_done = torch.Tensor(next_done_np).to(device)
+                    final_values[step, truncated] = agent.get_value(*agent.observe(final_obs)).flatten()
             for i in np.flatnonzero(next_done_np):
                 success = bool(infos["final_info"]["success"][i])
                 finished.append((float(episode_return[i]), int(episode_length[i]), success))
@@ -703,18 +761,8 @@ if __name__ == "__main__":
         # bootstrap value if not done
         with torch.no_grad():
             next_value = agent.get_value(*agent.observe(next_obs)).reshape(1, -1)
-            advantages = torch.zeros_like(rewards).to(device)
-            lastgaelam = 0
-            for t in reversed(range(args.num_steps)):
-                if t == args.num_steps - 1:
-                    nextnonterminal = 1.0 - next_done
-                    nextvalues = next_value
-                else:
-                    nextnonterminal = 1.0 - dones[t + 1]
-                    nextvalues = values[t + 1]
-                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
-                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-            returns = advantages + values
+            advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, next_done, args.gamma,
+                                              args.gae_lambda)
 
         # flatten the batch
         b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
@@ -804,32 +852,41 @@ if __name__ == "__main__":
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("vlm/rollout_tokens_per_second", totals[4] / rollout_time, global_step)
             writer.add_scalar("vlm/peak_memory_gib", peak_memory_gib(device), global_step)
-            report = "no episode ended"
             if totals[0] > 0:
                 writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
-                report = f"return {totals[1] / totals[0]:.3f} success {totals[3] / totals[0]:.2f}"
-            print(f"iteration {iteration}/{args.num_iterations} step {global_step} SPS {sps} {report} "
-                  f"entropy {entropy_loss.item():.3f} tokens/s {totals[4] / rollout_time:.0f}", flush=True)
+                report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
+            else:
+                report = "no episode ended"
+            print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
+                  f"entropy={entropy_loss.item():.3f} tokens/s={totals[4] / rollout_time:.0f}", flush=True)
 
-        if args.save_model:
+        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             rng_states = gather_object([torch.get_rng_state()])
             if accelerator.is_main_process:
                 save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
-                                {"run_name": run_name, **{k: getattr(args, k) for k in RESUME_FLAGS},
-                                 "global_step": global_step, "iteration": iteration, "rng_states": rng_states})
+                                {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
+                                 "iteration": iteration, "global_step": global_step, "rng_states": rng_states})
     envs.close()
 
+    if args.save_model and accelerator.is_main_process:
+        model_path = Path(f"runs/{run_name}/model")
+        save_checkpoint(model_path, agent, None, {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
+                                                  "iteration": args.num_iterations, "global_step": global_step,
+                                                  "rng_states": [torch.get_rng_state()]})
+        print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
+    evaluations = {}  # (return, length, success) of each evaluation episode, by mode
     if args.eval_episodes > 0 and writer is not None:
-        eval_envs = make_envs(args.env_id, args.eval_seeds or env_seeds, args.image_size, agent.with_image)
+        for mode in ("greedy", "sampled"):
+            eval_envs = make_envs(args.env_id, args.eval_seeds or env_seeds, args.image_size, agent.with_image)
 
-        def policy(obs: dict) -> np.ndarray:
-            with torch.no_grad():
-                scores, _ = agent.scores_and_value(*agent.observe(obs))
-            return (scores.argmax(-1) if args.eval_greedy else Categorical(logits=scores).sample()).cpu().numpy()
+            def policy(obs: dict) -> np.ndarray:
+                with torch.no_grad():
+                    scores, _ = agent.scores_and_value(*agent.observe(obs))
+                return (scores.argmax(-1) if mode == "greedy" else Categorical(logits=scores).sample()).cpu().numpy()
 
-        episodes = evaluate(policy, eval_envs, args.eval_episodes)
-        log_evaluation(writer, episodes, args.model_id)
-        eval_envs.close()
+            evaluations[mode] = evaluate(policy, eval_envs, args.eval_episodes)
+            log_evaluation(writer, evaluations[mode], mode, global_step)
+            eval_envs.close()
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()

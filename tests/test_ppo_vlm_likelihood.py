@@ -342,7 +342,7 @@ def test_end_to_end_frozenlake_with_checkpoint(tiny_smolvlm_path: str, monkeypat
                    "--total-timesteps", "192", "--num-steps", "32", "--save-model", *TRAIN_FLAGS)
     assert g["global_step"] == 192
     out = capsys.readouterr().out
-    assert "iteration 3/3 step 192" in out
+    assert "iteration 3/3 global_step=192 " in out
     run_dir = tmp_path / "runs" / g["run_name"]
     tags = scalar_tags(run_dir)
     assert {"charts/SPS", "charts/learning_rate", "charts/success_rate", "charts/episodic_return",
@@ -359,6 +359,14 @@ def test_end_to_end_frozenlake_with_checkpoint(tiny_smolvlm_path: str, monkeypat
     lora = {name: p for name, p in loaded.named_parameters() if "lora_" in name}
     assert lora and all(torch.equal(p, trained[name]) for name, p in lora.items())
     assert any(p.abs().sum() > 0 for name, p in lora.items() if "lora_B" in name)  # trained away from B = 0
+    # --save-model: the final adapter and value head without the optimizer; --resume evaluates or continues it
+    model_state = torch.load(run_dir / "model" / "trainer_state.pt", weights_only=True)
+    assert "optimizer" not in model_state and model_state["global_step"] == 192
+    assert all(torch.equal(model_state["value_head"][k], v) for k, v in g["agent"].value_head.state_dict().items())
+    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--resume", str(run_dir / "model"),
+                   "--total-timesteps", "0", "--eval-episodes", "1", *TRAIN_FLAGS)
+    assert len(g["evaluations"]["greedy"]) == 1 and all(torch.equal(p, trained[n]) for n, p in
+                                                         g["agent"].model.named_parameters() if "lora_" in n)
 
 
 def test_end_to_end_fetch(tiny_llava_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
@@ -367,12 +375,12 @@ def test_end_to_end_fetch(tiny_llava_path: str, monkeypatch, tmp_path: Path, cap
                    "192", "--num-steps", "32", "--reduction", "word", *TRAIN_FLAGS)
     assert g["global_step"] == 192 and g["action_names"] == text_envs.MACRO_ACTION_NAMES
     assert g["agent"].action_prompts[4].endswith("would be to pick up")
-    assert "iteration 3/3 step 192" in capsys.readouterr().out
+    assert "iteration 3/3 global_step=192 " in capsys.readouterr().out
 
 
 def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """Kill a run after it saved a checkpoint; --resume continues from the next iteration in the same run directory."""
-    argv = ["--model-id", tiny_smolvlm_path, "--total-timesteps", "100000", "--num-steps", "4", "--save-model",
+    argv = ["--model-id", tiny_smolvlm_path, "--total-timesteps", "100000", "--num-steps", "4",
             *TRAIN_FLAGS]
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=tmp_path, env=SUBPROCESS_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -388,15 +396,15 @@ def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
     done = saved["iteration"]
     total = (done + 2) * 8
     g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--total-timesteps", str(total),
-                   "--num-steps", "4", "--save-model", "--resume", str(state_file.parent), *TRAIN_FLAGS)
+                   "--num-steps", "4", "--resume", str(state_file.parent), *TRAIN_FLAGS)
     out = capsys.readouterr().out
     assert g["run_name"] == saved["run_name"] and g["global_step"] == total
     lines = [line for line in out.splitlines() if line.startswith("iteration ")]
-    assert lines[0].startswith(f"iteration {done + 1}/{done + 2} step {(done + 1) * 8} ")
+    assert lines[0].startswith(f"iteration {done + 1}/{done + 2} global_step={(done + 1) * 8} ")
     assert len(lines) == 2
     assert torch.load(state_file, weights_only=True)["iteration"] == done + 2
     # a checkpoint fixes the LoRA shape: other LoRA flags are one sentence, not a size-mismatch traceback
-    with pytest.raises(SystemExit, match="trained with other settings: .*--lora-r 8 "):
+    with pytest.raises(SystemExit, match="was trained with --lora-r 8, not 16: pass --lora-r 8 to resume it"):
         run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--num-steps", "4",
                    "--resume", str(state_file.parent), *TRAIN_FLAGS, "--lora-r", "16")
 
@@ -416,7 +424,7 @@ def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: 
     result = subprocess.run(cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "iteration 2/2 step 32" in result.stdout  # 2 processes x 2 envs x 4 steps per iteration
+    assert "iteration 2/2 global_step=32 " in result.stdout  # 2 processes x 2 envs x 4 steps per iteration
     rank0, rank1 = (torch.load(tmp_path / f"weights_{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any("lora_B" in k for k in rank0)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -428,18 +436,18 @@ def test_untuned_model_and_random_policy_evaluation(tiny_smolvlm_path: str, monk
     """--total-timesteps 0 --eval-episodes N evaluates the untuned model; --random-policy evaluates random actions."""
     g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "Fetch", "--total-timesteps",
                    "0", "--eval-episodes", "3")
-    assert len(g["episodes"]) == 3 and g["global_step"] == 0
-    assert re.search(r"eval \(.*tiny-smolvlm.*, 3 episodes\): return -?\d", capsys.readouterr().out)
+    assert [len(g["evaluations"][mode]) for mode in ("greedy", "sampled")] == [3, 3] and g["global_step"] == 0
+    assert re.search(r"eval greedy: episodic_return=-?\d.* over 3 episodes", capsys.readouterr().out)
     g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "Fetch", "--total-timesteps",
                    "0", "--eval-episodes", "2", "--no-image")  # the LLM ablation: the VLM reads the description only
-    assert len(g["episodes"]) == 2 and not g["agent"].with_image
+    assert len(g["evaluations"]["sampled"]) == 2 and not g["agent"].with_image
     with pytest.raises(SystemExit) as exit_info:  # the random policy loads no model and ends after its evaluation
         run_script(monkeypatch, tmp_path, "--random-policy", "--env-id", "FrozenLake8x8", "--total-timesteps", "0",
                    "--eval-episodes", "5")
     assert exit_info.value.code is None
-    assert "eval (random policy, 5 episodes)" in capsys.readouterr().out
+    assert re.search(r"eval random: episodic_return=.* over 5 episodes", capsys.readouterr().out)
     (run_dir,) = (tmp_path / "runs").glob("FrozenLake8x8__*")
-    assert {"eval/episodic_return", "eval/success_rate"} <= scalar_tags(run_dir)
+    assert {"eval/random_episodic_return", "eval/random_success_rate"} <= scalar_tags(run_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,9 +497,9 @@ def test_default_model_falls_back_loudly_and_fast(monkeypatch, capsys) -> None:
 def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys) -> None:
     """With no --model-id and no Hub, the run goes on with the committed tiny checkpoint."""
     g = run_script(monkeypatch, tmp_path, "--env-id", "FrozenLake8x8", "--total-timesteps", "0", "--eval-episodes", "1")
-    assert len(g["episodes"]) == 1
+    assert len(g["evaluations"]["sampled"]) == 1
     captured = capsys.readouterr()
-    assert "taught offline" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
+    assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
 
 
 @pytest.mark.parametrize(
@@ -507,7 +515,7 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
         (["--no-image", "--image-size", "64"], "does not fit with --no-image"),
         (["--state-template", "no placeholder"], "--state-template must contain {description}"),
         (["--num-steps", "4", "--num-envs", "1", "--num-minibatches", "8"], "exceeds the batch"),
-        (["--resume", "no-such-checkpoint"], "is not a checkpoint directory"),
+        (["--resume", "no-such-checkpoint"], "Cannot read the checkpoint --resume no-such-checkpoint"),
         (["--env-seeds", "1", "2", "3", "--num-envs", "2"], "give one seed per env"),
     ],
 )
@@ -573,14 +581,13 @@ def test_advantages_are_normalised_over_the_whole_batch(tiny_smolvlm_path: str, 
 def test_env_seeds_choose_the_maps_and_eval_seeds_hold_out(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
                                                            capsys) -> None:
     """--env-seeds sets the training envs (one FrozenLake map each, --num-envs following them); --eval-seeds evaluates
-    on other maps, one episode each here; --eval-greedy takes the argmax action, so two evaluations agree."""
+    on other maps, one episode each here; the greedy evaluation takes the argmax action, so two of them agree."""
     lengths = []
     for _ in range(2):
         g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-seeds", "7", "11", "--lora-r", "8",
-                       "--total-timesteps", "0", "--eval-episodes", "3", "--eval-seeds", "20", "21", "22",
-                       "--eval-greedy")
+                       "--total-timesteps", "0", "--eval-episodes", "3", "--eval-seeds", "20", "21", "22")
         assert g["args"].num_envs == 2 and g["env_seeds"] == [7, 11]
         assert [e.get_wrapper_attr("grid").tolist() for e in g["eval_envs"].envs] == [
             text_envs.make_env("FrozenLake8x8", s).get_wrapper_attr("grid").tolist() for s in (20, 21, 22)]
-        lengths.append([e[1] for e in g["episodes"]])
+        lengths.append([e[1] for e in g["evaluations"]["greedy"]])
     assert lengths[0] == lengths[1]
