@@ -1,17 +1,16 @@
-"""The teachers of ppo_lvlm2p_distill.py: the paper's two-stage VLM prompt or action likelihoods (`hf:`), any
-OpenAI-compatible server (`openai:`), and the scripted expert (`expert`).
+"""The plumbing of ppo_lvlm2p_distill.py's teachers: a local VLM (`hf:`), any OpenAI-compatible server (`openai:`),
+and the scripted expert (`expert`).
 
 Each teacher is a callable from a batch of `Frame`s to one action distribution per frame (None where a reply
-does not parse), raising `TeacherUnavailable` when a server fails after every retry. What the script does with
-the distributions (the cache, the KL term of eq. 1) stays in the script; this file is how they are obtained:
-the --teacher flags checked and the teacher built from them, prompts and few-shot examples, model loading
-and HTTP. Only ppo_lvlm2p_distill.py uses it.
+does not parse), raising `TeacherUnavailable` when a server fails after every retry. The method is the script's:
+it passes in the prompts, the parser of the replies and the rule that turns likelihoods into a distribution, and
+does the rest (the cache, the KL term of eq. 1). This file loads models, formats chats and talks HTTP; it never
+imports the script. Only ppo_lvlm2p_distill.py uses it.
 """
 import base64
 import io
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import huggingface_hub
 import numpy as np
@@ -29,34 +28,8 @@ import torch.nn as nn
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 
-if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports this module, not the reverse
-    from ppo_lvlm2p_distill import Args
-
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
-# Fig. 2's two stages: first the scene (agent position and orientation, the target), then one probability per action
-SCENE_PROMPT = ("This is a game seen from above. Your mission: {mission}. Describe the scene: the row and "
-                "column of the agent (counting from the top left), the direction it faces, and where the target of "
-                "the mission is.")
-ACTION_PROMPT = ("{examples}The possible actions, in this order, are: {actions}. Give the probability of each action "
-                 "being the best next action for the mission. On the last line, reply with a single list of "
-                 "{n} numbers that sum to 1, like {example}.")
-# --teacher-mode likelihood: the state prompt, then each action prompt scored by its mean token log-likelihood
-LIKELIHOOD_PROMPT = "This is a game seen from above. Your mission: {mission}. What is the best next action?"
-ACTION_TEMPLATE = " The best next action is to {action}."
-
-
-NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-LIST_OF_NUMBERS = re.compile(rf"\[\s*({NUMBER}(?:\s*,\s*{NUMBER})*)\s*,?\s*\]")
-
-
-def parse_teacher_probs(text: str, n_actions: int) -> np.ndarray | None:
-    """The last list of exactly `n_actions` non-negative numbers in `text`, normalised to sum 1; None if there is none."""
-    for match in reversed(list(LIST_OF_NUMBERS.finditer(text))):
-        numbers = np.array([float(x) for x in match.group(1).split(",")])
-        if len(numbers) == n_actions and np.isfinite(numbers).all() and (numbers >= 0).all() and numbers.sum() > 0:
-            return numbers / numbers.sum()
-    return None
 
 
 class Frame(NamedTuple):
@@ -167,34 +140,22 @@ def load_teacher_model(model_id: str, device: torch.device) -> tuple[nn.Module, 
     return model, processor
 
 
-def action_list_example(n_actions: int) -> str:
-    """A list of n probabilities summing to 1, shown to the teacher as the answer's format."""
-    return "[" + ", ".join(["0.7"] + ["0.3"] + ["0"] * (n_actions - 2)) + "]" if n_actions > 1 else "[1]"
-
-
-def stage_prompts(mission: str, action_names: Sequence[str], examples: str) -> tuple[str, str]:
-    """The texts of the two stages (Fig. 2): describe the scene, then give one probability per action."""
-    actions = ", ".join(f"'{name}'" for name in action_names)
-    return SCENE_PROMPT.format(mission=mission), ACTION_PROMPT.format(
-        examples=examples, actions=actions, n=len(action_names), example=action_list_example(len(action_names))
-    )
+def chat_prompt(processor: object, turns: Sequence[str]) -> str:
+    """The dialogue in the model's chat format: the image with the first user turn, turns alternating user/assistant."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant",
+                 "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": turn}]}
+                for i, turn in enumerate(turns)]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 class HFTeacher:
-    """A local VLM: the two-stage prompt and the parsed reply (generate), or the softmax over the action prompts'
-    mean token log-likelihoods (likelihood), one forward per frame."""
+    """A local VLM asked in two stages, a batch of frames at a time: `prompts(mission)` gives the two questions,
+    `parse(reply)` the distribution in the second reply (or None)."""
 
-    def __init__(self, model: nn.Module, processor: object, action_names: Sequence[str], mode: str, examples: str,
-                 max_new_tokens: int):
-        self.model, self.processor, self.mode = model, processor, mode
-        self.action_names, self.examples, self.max_new_tokens = list(action_names), examples, max_new_tokens
-
-    def chat(self, turns: Sequence[str]) -> str:
-        """The dialogue in the model's chat format: the image with the first user turn, turns alternating user/assistant."""
-        messages = [{"role": "user" if i % 2 == 0 else "assistant",
-                     "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": turn}]}
-                    for i, turn in enumerate(turns)]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def __init__(self, model: nn.Module, processor: object, prompts: Callable[[str], tuple[str, str]],
+                 parse: Callable[[str], np.ndarray | None], max_new_tokens: int):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+        self.prompts, self.parse = prompts, parse
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence[np.ndarray]) -> list[str]:
@@ -204,15 +165,32 @@ class HFTeacher:
         out = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens)
         return self.processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
+        """One distribution per frame (None where a generated reply holds none)."""
+        images = [f.image for f in frames]
+        stages = [self.prompts(f.mission) for f in frames]
+        scenes = self.generate([chat_prompt(self.processor, [scene]) for scene, _ in stages], images)
+        replies = self.generate([chat_prompt(self.processor, [scene, described, question])
+                                 for (scene, question), described in zip(stages, scenes)], images)
+        return [self.parse(reply) for reply in replies]
+
+
+class HFLikelihoodTeacher:
+    """A local VLM that scores instead of answering: `prompts(mission)` gives the state prompt and one continuation
+    per action, `probs(scores)` the distribution from their mean token log-likelihoods; one forward per frame."""
+
+    def __init__(self, model: nn.Module, processor: object, prompts: Callable[[str], tuple[str, Sequence[str]]],
+                 probs: Callable[[torch.Tensor], np.ndarray]):
+        self.model, self.processor, self.prompts, self.probs = model, processor, prompts, probs
+
     @torch.no_grad()
-    def action_log_likelihoods(self, mission: str, image: np.ndarray) -> torch.Tensor:
-        """[A] mean token log-likelihood of each action prompt after the state prompt and the image, in one forward."""
+    def action_log_likelihoods(self, state_prompt: str, action_texts: Sequence[str], image: np.ndarray) -> torch.Tensor:
+        """[A] mean token log-likelihood of each action text after the state prompt and the image, in one forward."""
         tokenizer = self.processor.tokenizer
-        enc = self.processor(text=[self.chat([LIKELIHOOD_PROMPT.format(mission=mission)])], images=[[image]],
+        enc = self.processor(text=[chat_prompt(self.processor, [state_prompt])], images=[[image]],
                              return_tensors="pt").to(self.model.device)
         prompt_ids = enc["input_ids"][0].tolist()
-        action_ids = tokenizer([ACTION_TEMPLATE.format(action=a) for a in self.action_names],
-                               add_special_tokens=False)["input_ids"]
+        action_ids = tokenizer(list(action_texts), add_special_tokens=False)["input_ids"]
         length = len(prompt_ids) + max(len(ids) for ids in action_ids)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([prompt_ids + ids + [pad] * (length - len(prompt_ids) - len(ids)) for ids in action_ids],
@@ -227,16 +205,9 @@ class HFTeacher:
         action_mask = mask[:, start:].float()
         return (logprobs * action_mask).sum(-1) / action_mask.sum(-1)  # eq. 1 of Idefics-Agent: the mean
 
-    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
-        """One distribution per frame (None where a generated reply holds none)."""
-        if self.mode == "likelihood":
-            return [self.action_log_likelihoods(f.mission, f.image).softmax(-1).cpu().numpy() for f in frames]
-        images = [f.image for f in frames]
-        stages = [stage_prompts(f.mission, self.action_names, self.examples) for f in frames]
-        scenes = self.generate([self.chat([scene]) for scene, _ in stages], images)
-        replies = self.generate([self.chat([scene, described, question])
-                                 for (scene, question), described in zip(stages, scenes)], images)
-        return [parse_teacher_probs(reply, len(self.action_names)) for reply in replies]
+    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray]:
+        """One distribution per frame (always one)."""
+        return [self.probs(self.action_log_likelihoods(*self.prompts(f.mission), f.image)) for f in frames]
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -247,13 +218,15 @@ def png_data_url(image: np.ndarray) -> str:
 
 
 class OpenAITeacher:
-    """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs): the two-stage
-    prompt as a two-turn chat with the frame as an image, each failed request retried with exponential backoff."""
+    """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs): the two
+    questions of `prompts(mission)` as a two-turn chat with the frame as an image, `parse(reply)` the distribution in
+    the second reply; each failed request retried with exponential backoff."""
 
-    def __init__(self, model: str, base_url: str, api_key: str | None, action_names: Sequence[str], examples: str,
-                 max_new_tokens: int, timeout: float, retries: int, backoff: float, concurrency: int):
+    def __init__(self, model: str, base_url: str, api_key: str | None, prompts: Callable[[str], tuple[str, str]],
+                 parse: Callable[[str], np.ndarray | None], max_new_tokens: int, timeout: float, retries: int,
+                 backoff: float, concurrency: int):
         self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
-        self.action_names, self.examples, self.max_new_tokens = list(action_names), examples, max_new_tokens
+        self.prompts, self.parse, self.max_new_tokens = prompts, parse, max_new_tokens
         self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
 
     def complete(self, messages: list[dict]) -> str:
@@ -276,64 +249,15 @@ class OpenAITeacher:
 
     def query(self, frame: Frame) -> np.ndarray | None:
         """One frame through the two stages."""
-        scene, question = stage_prompts(frame.mission, self.action_names, self.examples)
+        scene, question = self.prompts(frame.mission)
         first = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(frame.image)}},
                                              {"type": "text", "text": scene}]}
         described = self.complete([first])
         reply = self.complete([first, {"role": "assistant", "content": described},
                                {"role": "user", "content": question}])
-        return parse_teacher_probs(reply, len(self.action_names))
+        return self.parse(reply)
 
     def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
         """One distribution per frame, the frames' requests in flight together; TeacherUnavailable if any failed."""
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(self.query, frames))
-
-
-def teacher_kind(teacher: str) -> Literal["hf", "openai", "expert"] | None:
-    """Which backend a --teacher value names, or None."""
-    if teacher == "expert":
-        return "expert"
-    prefix, _, name = teacher.partition(":")
-    return prefix if prefix in ("hf", "openai") and name else None
-
-
-def check_teacher_args(args: "Args") -> None:
-    """Turn the mistakes a user can make in the --teacher flags into one sentence and a non-zero exit."""
-    kind = teacher_kind(args.teacher)
-    if kind is None:
-        raise SystemExit(f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> "
-                         "or expert.")
-    if kind == "openai" and not args.teacher_base_url:
-        raise SystemExit(f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
-    if kind == "openai" and args.teacher_mode == "likelihood":
-        raise SystemExit("--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
-                         "return: use an hf: teacher, or --teacher-mode generate.")
-    if not 0.0 <= args.teacher_noise <= 1.0 or args.teacher_temperature <= 0:
-        raise SystemExit(f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
-                         "the noise is a probability (0 to 1) and the temperature must be positive.")
-
-
-def read_examples(path: str | None) -> str:
-    """The few-shot examples for the second stage, ending in a blank line ("" without a file)."""
-    if path is None:
-        return ""
-    try:
-        return Path(path).read_text().strip() + "\n\n"
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file.")
-
-
-def build_teacher(args: "Args", action_names: Sequence[str], device: torch.device) -> Callable:
-    """The teacher that --teacher names."""
-    kind, name = teacher_kind(args.teacher), args.teacher.partition(":")[2]
-    if kind == "expert":
-        return ExpertTeacher(len(action_names), args.teacher_temperature, args.teacher_noise, args.seed)
-    examples = read_examples(args.teacher_fewshot)
-    if kind == "openai":
-        return OpenAITeacher(name, args.teacher_base_url, os.environ.get(args.teacher_api_key_env), action_names,
-                             examples, args.teacher_max_new_tokens, args.teacher_timeout, args.teacher_retries,
-                             args.teacher_backoff, args.teacher_batch_size)
-    model, processor = load_teacher_model(name, device)
-    return HFTeacher(model, processor, action_names, args.teacher_mode, examples, args.teacher_max_new_tokens)

@@ -5,14 +5,19 @@
 # update epochs, each distinct frame queried once (a cache across epochs and rollouts: the reference code queried
 # every sample of every minibatch in every epoch); the KL term in the loss; and --algo a2c. The teacher is a local
 # VLM (`hf:`), any OpenAI-compatible server (`openai:`), or the scripted expert of text_envs (`expert`), which is
-# for offline experiments and ablations: its results are a scripted teacher's, not a VLM's. How each teacher is
-# built and asked (flags, prompts, model loading, HTTP) is in lvlm2p_teachers.py; what is done with its answers is here.
+# for offline experiments and ablations: its results are a scripted teacher's, not a VLM's. The method is here: the
+# two-stage prompt and the parser of its replies (Fig. 2), the labelling (Algorithm 1) and the KL term (eq. 1);
+# lvlm2p_teachers.py is plumbing (model loading, chat formats, HTTP), handed the prompts and the parser.
+# Needs: text_envs.py, lvlm2p_teachers.py
+import functools
 import hashlib
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import gymnasium as gym
@@ -25,11 +30,20 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
-from lvlm2p_teachers import DEFAULT_MODEL_ID, Frame, TeacherUnavailable, build_teacher, check_teacher_args, read_examples
+from lvlm2p_teachers import (
+    DEFAULT_MODEL_ID,
+    ExpertTeacher,
+    Frame,
+    HFLikelihoodTeacher,
+    HFTeacher,
+    OpenAITeacher,
+    TeacherUnavailable,
+    load_teacher_model,
+)
 
 ALGORITHM = "ppo_lvlm2p_distill"
-# flags that fix the envs and the network: a checkpoint resumes only with the same values
-ENV_FLAGS = ("env_id", "teacher_image_size", "action_set", "num_envs")
+# flags that fix the envs, the network and the optimizer: a checkpoint resumes only with the same values
+ENV_FLAGS = ("env_id", "teacher_image_size", "action_set", "num_envs", "algo")
 
 
 @dataclass
@@ -261,20 +275,93 @@ def compute_gae(
     return advantages, advantages + values
 
 
-def distill_loss(
-    logits: torch.Tensor, teacher_probs: torch.Tensor, valid: torch.Tensor, hard_targets: bool = False
-) -> torch.Tensor:
-    """Mean KL(p_teacher || pi_student) over the samples that have a teacher distribution (eq. 1); 0 if none has.
+# Fig. 2's two stages: first the scene (agent position and orientation, the target), then one probability per action
+SCENE_PROMPT = ("This is a game seen from above. Your mission: {mission}. Describe the scene: the row and "
+                "column of the agent (counting from the top left), the direction it faces, and where the target of "
+                "the mission is.")
+ACTION_PROMPT = ("{examples}The possible actions, in this order, are: {actions}. Give the probability of each action "
+                 "being the best next action for the mission. On the last line, reply with a single list of "
+                 "{n} numbers that sum to 1, like {example}.")
 
-    sum_a p_T(a) (log p_T(a) - log pi_S(a)), with 0 log 0 = 0: actions the teacher rules out add nothing. With
-    `hard_targets` p_T is the one-hot of the teacher's most likely action, and the KL is the cross-entropy.
-    """
-    log_student = logits.log_softmax(-1)
-    if hard_targets:
-        teacher_probs = nn.functional.one_hot(teacher_probs.argmax(-1), logits.shape[-1]).to(log_student.dtype)
-    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
-    valid = valid.to(kl.dtype)
-    return (kl * valid).sum() / valid.sum().clamp(min=1.0)
+
+def action_list_example(n_actions: int) -> str:
+    """A list of n probabilities summing to 1, shown to the teacher as the answer's format."""
+    return "[" + ", ".join(["0.7"] + ["0.3"] + ["0"] * (n_actions - 2)) + "]" if n_actions > 1 else "[1]"
+
+
+def stage_prompts(mission: str, action_names: Sequence[str], examples: str) -> tuple[str, str]:
+    """The texts of the two stages (Fig. 2): describe the scene, then give one probability per action."""
+    actions = ", ".join(f"'{name}'" for name in action_names)
+    return SCENE_PROMPT.format(mission=mission), ACTION_PROMPT.format(
+        examples=examples, actions=actions, n=len(action_names), example=action_list_example(len(action_names))
+    )
+
+
+def read_examples(path: str | None) -> str:
+    """The few-shot examples for the second stage, ending in a blank line ("" without a file)."""
+    if path is None:
+        return ""
+    try:
+        return Path(path).read_text().strip() + "\n\n"
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file.")
+
+
+NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+LIST_OF_NUMBERS = re.compile(rf"\[\s*({NUMBER}(?:\s*,\s*{NUMBER})*)\s*,?\s*\]")
+
+
+def parse_teacher_probs(text: str, n_actions: int) -> np.ndarray | None:
+    """The last list of exactly `n_actions` non-negative numbers in `text`, normalised to sum 1; None if there is none."""
+    # p_teacher of eq. 1: the teacher's own numbers, only normalised
+    for match in reversed(list(LIST_OF_NUMBERS.finditer(text))):
+        numbers = np.array([float(x) for x in match.group(1).split(",")])
+        if len(numbers) == n_actions and np.isfinite(numbers).all() and (numbers >= 0).all() and numbers.sum() > 0:
+            return numbers / numbers.sum()
+    return None
+
+
+# --teacher-mode likelihood (not in the paper): the state prompt, then each action prompt scored by its mean token
+# log-likelihood (Idefics-Agent's way of scoring actions)
+LIKELIHOOD_PROMPT = "This is a game seen from above. Your mission: {mission}. What is the best next action?"
+ACTION_TEMPLATE = " The best next action is to {action}."
+
+
+def likelihood_prompts(mission: str, action_names: Sequence[str]) -> tuple[str, list[str]]:
+    """The state prompt and one action prompt per action."""
+    return LIKELIHOOD_PROMPT.format(mission=mission), [ACTION_TEMPLATE.format(action=a) for a in action_names]
+
+
+def likelihood_probs(log_likelihoods: torch.Tensor) -> np.ndarray:
+    """p_teacher: the softmax over the action prompts' mean token log-likelihoods."""
+    return log_likelihoods.softmax(-1).cpu().numpy()
+
+
+def teacher_kind(teacher: str) -> Literal["hf", "openai", "expert"] | None:
+    """Which backend a --teacher value names, or None."""
+    if teacher == "expert":
+        return "expert"
+    prefix, _, name = teacher.partition(":")
+    return prefix if prefix in ("hf", "openai") and name else None
+
+
+def build_teacher(args: Args, action_names: Sequence[str], device: torch.device) -> Callable:
+    """The teacher that --teacher names, given this method's prompts and parser."""
+    kind, name = teacher_kind(args.teacher), args.teacher.partition(":")[2]
+    if kind == "expert":
+        return ExpertTeacher(len(action_names), args.teacher_temperature, args.teacher_noise, args.seed)
+    examples = read_examples(args.teacher_fewshot)
+    prompts = functools.partial(stage_prompts, action_names=action_names, examples=examples)
+    parse = functools.partial(parse_teacher_probs, n_actions=len(action_names))
+    if kind == "openai":
+        return OpenAITeacher(name, args.teacher_base_url, os.environ.get(args.teacher_api_key_env), prompts, parse,
+                             args.teacher_max_new_tokens, args.teacher_timeout, args.teacher_retries,
+                             args.teacher_backoff, args.teacher_batch_size)
+    model, processor = load_teacher_model(name, device)
+    if args.teacher_mode == "likelihood":
+        scoring = functools.partial(likelihood_prompts, action_names=action_names)
+        return HFLikelihoodTeacher(model, processor, scoring, likelihood_probs)
+    return HFTeacher(model, processor, prompts, parse, args.teacher_max_new_tokens)
 
 
 def frame_key(image: np.ndarray, mission: str) -> bytes:
@@ -331,13 +418,24 @@ def label_frames(
     return probs, valid, TeacherStats(len(todo), cache_hits, parse_failures, server_failures, time.time() - start)
 
 
+def distill_loss(
+    logits: torch.Tensor, teacher_probs: torch.Tensor, valid: torch.Tensor, hard_targets: bool = False
+) -> torch.Tensor:
+    """Mean KL(p_teacher || pi_student) over the samples that have a teacher distribution (eq. 1); 0 if none has.
+
+    sum_a p_T(a) (log p_T(a) - log pi_S(a)), with 0 log 0 = 0: actions the teacher rules out add nothing. With
+    `hard_targets` p_T is the one-hot of the teacher's most likely action, and the KL is the cross-entropy.
+    """
+    log_student = logits.log_softmax(-1)
+    if hard_targets:
+        teacher_probs = nn.functional.one_hot(teacher_probs.argmax(-1), logits.shape[-1]).to(log_student.dtype)
+    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
+    valid = valid.to(kl.dtype)
+    return (kl * valid).sum() / valid.sum().clamp(min=1.0)
+
+
 def check_args(args: Args) -> list[str]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the action words."""
-    check_teacher_args(args)
-    if args.distill_coef < 0:
-        raise SystemExit(f"--distill-coef {args.distill_coef} is negative: lambda weighs the KL term, use 0 (the RL "
-                         "loss alone) or more.")
-    read_examples(args.teacher_fewshot)  # unreadable examples are bad input even where lambda = 0 builds no teacher
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -359,18 +457,24 @@ def check_args(args: Args) -> list[str]:
         )
     action_names = list(env.get_wrapper_attr("action_names"))
     env.close()
+    kind = teacher_kind(args.teacher)
+    if kind is None:
+        raise SystemExit(f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> "
+                         "or expert.")
+    if kind == "openai" and not args.teacher_base_url:
+        raise SystemExit(f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
+                         "(e.g. http://localhost:8000/v1).")
+    if kind == "openai" and args.teacher_mode == "likelihood":
+        raise SystemExit("--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
+                         "return: use an hf: teacher, or --teacher-mode generate.")
+    if not 0.0 <= args.teacher_noise <= 1.0 or args.teacher_temperature <= 0:
+        raise SystemExit(f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
+                         "the noise is a probability (0 to 1) and the temperature must be positive.")
+    if args.distill_coef < 0:
+        raise SystemExit(f"--distill-coef {args.distill_coef} is negative: lambda weighs the KL term, use 0 (the RL "
+                         "loss alone) or more.")
+    read_examples(args.teacher_fewshot)  # unreadable examples are bad input even where lambda = 0 builds no teacher
     return action_names
-
-
-def runtime_sizes(args: Args) -> None:
-    """Fill in the algorithm's rollout length and the batch sizes (A2C: one update on the whole rollout)."""
-    if args.num_steps is None:
-        args.num_steps = 128 if args.algo == "ppo" else 5  # rl-starter-files' (and the reference code's) defaults
-    if args.algo == "a2c":
-        args.num_minibatches, args.update_epochs = 1, 1
-    args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
 
 
 def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
@@ -392,7 +496,7 @@ def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, An
             f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from {algorithm or 'something else'}): "
             "resume it with the script that wrote it."
         )
-    for flag in (*ENV_FLAGS, "algo"):
+    for flag in ENV_FLAGS:
         if checkpoint["args"][flag] != getattr(args, flag):
             name = "--" + flag.replace("_", "-")
             raise SystemExit(
@@ -446,7 +550,13 @@ def evaluate(
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    runtime_sizes(args)
+    if args.num_steps is None:  # rl-starter-files' (and the reference code's) defaults
+        args.num_steps = 128 if args.algo == "ppo" else 5
+    if args.algo == "a2c":  # one update on the whole rollout
+        args.num_minibatches, args.update_epochs = 1, 1
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // args.batch_size
     action_names = check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None

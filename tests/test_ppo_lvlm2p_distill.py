@@ -100,7 +100,7 @@ def test_distill_loss_hard_targets_and_missing_teachers():
     ("", None),
 ])
 def test_parse_teacher_probs(text, expected):
-    parsed = teachers.parse_teacher_probs(text, 3)
+    parsed = lvlm2p.parse_teacher_probs(text, 3)
     if expected is None:
         assert parsed is None
     else:
@@ -197,14 +197,15 @@ def test_likelihood_teacher_is_softmax_of_mean_action_log_likelihoods(tiny_smolv
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval()
     processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
     names = text_envs.PRIMITIVE_ACTION_NAMES
-    teacher = teachers.HFTeacher(model, processor, names, "likelihood", "", 8)
+    prompts = functools.partial(lvlm2p.likelihood_prompts, action_names=names)
+    teacher = teachers.HFLikelihoodTeacher(model, processor, prompts, lvlm2p.likelihood_probs)
     (probs,) = teacher([frame])
 
-    prompt = teacher.chat([teachers.LIKELIHOOD_PROMPT.format(mission=frame.mission)])
+    prompt = teachers.chat_prompt(processor, [lvlm2p.LIKELIHOOD_PROMPT.format(mission=frame.mission)])
     enc = processor(text=[prompt], images=[[frame.image]], return_tensors="pt")
     scores = []
     for name in names:  # one unpadded forward per action, by hand
-        ids = processor.tokenizer(teachers.ACTION_TEMPLATE.format(action=name), add_special_tokens=False)["input_ids"]
+        ids = processor.tokenizer(lvlm2p.ACTION_TEMPLATE.format(action=name), add_special_tokens=False)["input_ids"]
         input_ids = torch.cat([enc["input_ids"], torch.tensor([ids])], dim=1)
         pixels = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         with torch.no_grad():
@@ -217,7 +218,10 @@ def test_likelihood_teacher_is_softmax_of_mean_action_log_likelihoods(tiny_smolv
 def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval()
     processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
-    teacher = teachers.HFTeacher(model, processor, text_envs.PRIMITIVE_ACTION_NAMES, "generate", "EXAMPLES\n\n", 6)
+    prompts = functools.partial(lvlm2p.stage_prompts, action_names=text_envs.PRIMITIVE_ACTION_NAMES,
+                                examples="EXAMPLES\n\n")
+    parse = functools.partial(lvlm2p.parse_teacher_probs, n_actions=7)
+    teacher = teachers.HFTeacher(model, processor, prompts, parse, 6)
     prompts = []
     replies = iter(["the agent is at row 2", "so [0, 0, 1, 0, 0, 0, 0]"])
 
@@ -241,8 +245,9 @@ def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
 
 def openai_teacher(server: OpenAIServer, **kwargs) -> teachers.OpenAITeacher:
     options = {"timeout": 5.0, "retries": 2, "backoff": 0.01, "concurrency": 4, **kwargs}
-    return teachers.OpenAITeacher("test-vlm", server.base_url, SECRET, text_envs.PRIMITIVE_ACTION_NAMES, "", 16,
-                                **options)
+    prompts = functools.partial(lvlm2p.stage_prompts, action_names=text_envs.PRIMITIVE_ACTION_NAMES, examples="")
+    parse = functools.partial(lvlm2p.parse_teacher_probs, n_actions=len(text_envs.PRIMITIVE_ACTION_NAMES))
+    return teachers.OpenAITeacher("test-vlm", server.base_url, SECRET, prompts, parse, 16, **options)
 
 
 def scripted_reply(body: dict) -> str:
