@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -54,6 +54,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 import text_envs
 
+ALGORITHM = "ppo_vlm_cot"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on NumberLine): a stand-in when the Hub is out of reach
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-cot"
@@ -61,6 +62,8 @@ FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-
 # SmolVLM / Idefics3 `text_model`, LLaVA / LLaVA-NeXT / Qwen2-VL `language_model`, others `model`.
 LANGUAGE_MODEL_LINEAR = (r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\."
                          r"(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj")
+# flags that fix the envs and the network: a checkpoint resumes only with the same values
+ENV_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")
 END_LEARNING_RATE = 1e-9  # the authors' --end-lr of the cosine schedule
 # The key of eq. 1, quotes and case tolerated ("action", 'Action', action); "transaction" is no key.
 ACTION_KEY = re.compile(r"""["']?\baction\b["']?\s*:""", re.IGNORECASE)
@@ -86,9 +89,16 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     save_model: bool = False
-    """whether to save a resumable checkpoint to `runs/{run_name}/checkpoint` after every iteration"""
+    """whether to save the model into the `runs/{run_name}/model` folder (LoRA adapter and value head)"""
+    eval_episodes: int = 0
+    """the number of episodes of each evaluation after training, greedy and sampled (--total-timesteps 0: the model
+    as loaded)"""
+    checkpoint_freq: int = 1
+    """save a checkpoint to `runs/{run_name}/checkpoint` every this many iterations (0: never)"""
     resume: str | None = None
-    """a checkpoint directory to continue training from (with --total-timesteps 0: to evaluate)"""
+    """path of a checkpoint to continue from (the model flags must be the checkpoint's; --total-timesteps 0: evaluate
+    it)"""
+
     sample_every: int = 1
     """every N iterations, log the last rollout step's prompts, outputs, actions and rewards (tensorboard text, samples.jsonl); 0: never"""
 
@@ -145,30 +155,12 @@ class Args:
     """the maximum norm for the gradient clipping"""
     gradient_accumulation_steps: int = 128
     """mini-batches whose gradients are summed before each optimizer step"""
-    eval_episodes: int = 0
-    """episodes to evaluate the agent on after training (with --total-timesteps 0: the untuned model)"""
 
     # to be filled in runtime
     batch_size: int = 0
     """the batch size per process (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
-
-
-def check_args(args: Args) -> None:
-    """Turn flags that do not fit together into one sentence and a non-zero exit (SystemExit: no traceback)."""
-    if args.total_timesteps == 0 and args.eval_episodes == 0:
-        raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
-    if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
-        raise SystemExit(f"--resume {args.resume} is not a checkpoint directory (no trainer_state.pt in it).")
-    if not args.temperature > 0:
-        raise SystemExit("--temperature must be > 0: the policy's log-probs are taken at the sampling temperature.")
-    if not 0 <= args.thought_coef <= 1:
-        raise SystemExit("--thought-coef (lambda) must lie in [0, 1]; the paper found 0.2 to 0.5 to work.")
-    if min(args.num_envs, args.num_steps, args.minibatch_size, args.update_epochs, args.gradient_accumulation_steps,
-           args.max_new_tokens) < 1 or min(args.total_timesteps, args.eval_episodes, args.sample_every) < 0:
-        raise SystemExit("--num-envs, --num-steps, --minibatch-size, --update-epochs, --gradient-accumulation-steps and "
-                        "--max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every >= 0.")
 
 
 def make_env(env_id: str, seed: int) -> Callable[[], gym.Env]:
@@ -525,6 +517,91 @@ def observation_prompts(obs: dict, infos: dict, env_id: str, processor: object, 
     return texts, [chat_prompt(processor, t) for t in texts], obs["image"]
 
 
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    final_values: torch.Tensor,
+    next_value: torch.Tensor,
+    next_done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns for (num_steps, num_envs) tensors.
+
+    `dones[t]` says that obs[t] starts a new episode (the step before ended one); `final_values[t]` is
+    V(final obs) where step t truncated an episode and 0 elsewhere, so a time limit is not mistaken for the
+    end of the task.
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        # after a truncation nextnonterminal is 0 and final_values[t] carries the bootstrap (CleanRL #198)
+        delta = rewards[t] + gamma * (nextvalues * nextnonterminal + final_values[t]) - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
+def check_args(args: Args, world: int = 1) -> None:
+    """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
+    if args.total_timesteps == 0 and args.eval_episodes == 0:
+        raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
+    if min(args.num_envs, args.num_steps, args.minibatch_size, args.update_epochs, args.gradient_accumulation_steps,
+           args.max_new_tokens) < 1 or min(args.total_timesteps, args.eval_episodes, args.sample_every) < 0:
+        raise SystemExit("--num-envs, --num-steps, --minibatch-size, --update-epochs, --gradient-accumulation-steps "
+                         "and --max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every "
+                         ">= 0.")
+    if args.total_timesteps > 0 and args.num_iterations < 1:
+        raise SystemExit(f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
+                         f"x processes = {args.batch_size * world}): raise it.")
+    if args.minibatch_size > args.batch_size:
+        raise SystemExit(f"--minibatch-size {args.minibatch_size} exceeds the batch of {args.batch_size} samples per "
+                         "process: lower it.")
+    if not args.temperature > 0:
+        raise SystemExit("--temperature must be > 0: the policy's log-probs are taken at the sampling temperature.")
+    if not 0 <= args.thought_coef <= 1:
+        raise SystemExit("--thought-coef (lambda) must lie in [0, 1]; the paper found 0.2 to 0.5 to work.")
+
+
+def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer (None: a model without one, as
+    --save-model writes), step and RNG, replaced atomically: a run killed while saving keeps its previous one."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+    agent.model.save_pretrained(tmp / "adapter")
+    optimizer_state = {} if optimizer is None else {"optimizer": optimizer.state_dict()}
+    torch.save({**state, "value_head": agent.value_head.state_dict(), **optimizer_state}, tmp / "trainer_state.pt")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, args: Args) -> dict:
+    """Read a checkpoint of this script and check that it was made for the same envs and model as `args`."""
+    try:
+        checkpoint = torch.load(Path(path) / "trainer_state.pt", weights_only=True)
+    except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+    algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
+    if algorithm != ALGORITHM:
+        raise SystemExit(f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
+                         f"{algorithm or 'something else'}): resume it with the script that wrote it.")
+    for flag in ENV_FLAGS:
+        if checkpoint["args"][flag] != getattr(args, flag):
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
+                             f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it.")
+    return checkpoint
+
+
 def evaluate(policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv,
              n_episodes: int) -> list[tuple[float, int, bool]]:
     """(return, length, success) of `n_episodes` episodes, split evenly over the envs (so short episodes are not favoured)."""
@@ -542,19 +619,6 @@ def evaluate(policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.Vector
     return [episode for per_env in episodes for episode in per_env]
 
 
-def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer, step and RNG, written atomically."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
-    agent.model.save_pretrained(tmp / "adapter")
-    torch.save({**state, "value_head": agent.value_head.state_dict(), "optimizer": optimizer.state_dict()},
-               tmp / "trainer_state.pt")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def log_samples(writer: SummaryWriter, path: Path, records: list[dict], global_step: int) -> None:
     """Prompts, outputs, parsed actions and rewards: appended to samples.jsonl and shown in tensorboard's text tab."""
     with path.open("a") as f:
@@ -566,23 +630,13 @@ def log_samples(writer: SummaryWriter, path: Path, records: list[dict], global_s
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_args(args)
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    args.batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > args.batch_size:
-        raise SystemExit(f"--minibatch-size {args.minibatch_size} exceeds the batch of {args.batch_size} samples per process.")
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    args.batch_size = int(args.num_envs * args.num_steps)
     args.num_iterations = args.total_timesteps // (args.batch_size * world)
-    if args.total_timesteps > 0 and args.num_iterations == 0:
-        raise SystemExit(f"--total-timesteps {args.total_timesteps} is less than one iteration of {args.batch_size * world} "
-                        "steps (--num-envs x --num-steps x processes): raise it or shorten the rollout.")
-    resumed = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=True) if args.resume else None
-    lora_settings = [args.lora_r, args.lora_alpha, args.lora_target_modules]
-    if resumed is not None and [resumed["env_id"], resumed["model_id"], resumed["lora"]] != [args.env_id, args.model_id, lora_settings]:
-        raise SystemExit(f"--resume {args.resume} holds a run of {resumed['model_id']} on {resumed['env_id']} with LoRA r, alpha, "
-                        f"targets {resumed['lora']}: pass the same --model-id, --env-id, --lora-r, --lora-alpha, --lora-target-modules.")
-    run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_args(args, world)
+    checkpoint = load_checkpoint(args.resume, args) if args.resume else None
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
     np.random.seed(args.seed + rank)
@@ -614,12 +668,15 @@ if __name__ == "__main__":
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
     global_step, start_iteration = 0, 1
-    if resumed is not None:
-        set_peft_model_state_dict(model, load_file(Path(args.resume) / "adapter" / "adapter_model.safetensors"))
-        agent.value_head.load_state_dict(resumed["value_head"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        global_step, start_iteration = resumed["global_step"], resumed["iteration"] + 1
-        torch.set_rng_state(resumed["rng_states"][rank % len(resumed["rng_states"])])
+    if checkpoint:
+        set_peft_model_state_dict(agent.model, load_file(Path(args.resume) / "adapter" / "adapter_model.safetensors"))
+        agent.value_head.load_state_dict(checkpoint["value_head"])
+        if "optimizer" in checkpoint:  # a model saved by --save-model has none: Adam starts afresh
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        torch.set_rng_state(checkpoint["rng_states"][rank % len(checkpoint["rng_states"])])
+        if accelerator.is_main_process:
+            print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step={global_step}", flush=True)
     else:
         torch.manual_seed(args.seed + rank)
     if accelerator.is_main_process:
@@ -642,6 +699,7 @@ if __name__ == "__main__":
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    final_values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -682,21 +740,23 @@ if __name__ == "__main__":
                      "output": output_texts[i], "action": action_names[action[i]], "valid": bool(valid[i]),
                      "reward": float(reward[i])} for i in range(args.num_envs)], global_step)
             episode_return, episode_length = episode_return + reward, episode_length + 1
-            truncated = np.flatnonzero(truncations & ~terminations)
-            if len(truncated) > 0:  # bootstrap a time-limit cut: r + gamma * V(final observation)
-                final_obs = {k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission", "image")}
+            next_done_np = np.logical_or(terminations, truncations)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            next_texts, next_prompts, next_images = prompts_of(next_obs, infos)
+            next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+
+            final_values[step] = 0.0
+            truncated = np.flatnonzero(truncations & ~terminations)  # out of time, not done: the episode's value goes on
+            if len(truncated) > 0:
+                final_obs = {k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission",
+                                                                                                  "image")}
                 final_infos = {k: v[truncated] for k, v in infos["final_info"].items() if k == "formula"}
                 with torch.no_grad():
-                    final_value = agent.get_value(*prompts_of(final_obs, final_infos)[1:])
-                reward[truncated] += args.gamma * final_value.cpu().numpy()
-            next_done_np = np.logical_or(terminations, truncations)
-            rewards[step] = torch.tensor(reward).to(device).view(-1)
-            next_texts, next_prompts, next_images = prompts_of(next_obs, infos)
-            next_done = torch.Tensor(next_done_np).to(device)
+                    final_values[step, truncated] = agent.get_value(*prompts_of(final_obs, final_infos)[1:]).flatten()
             for i in np.flatnonzero(next_done_np):
-                finished.append((float(episode_return[i]), int(episode_length[i]), bool(infos["final_info"]["success"][i])))
+                finished.append((float(episode_return[i]), int(episode_length[i]),
+                                 bool(infos["final_info"]["success"][i])))
                 if writer is not None:
-                    print(f"global_step={global_step}, episodic_return={episode_return[i]:.3f}")
                     writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
                     writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
                 episode_return[i], episode_length[i] = 0.0, 0
@@ -705,18 +765,8 @@ if __name__ == "__main__":
         # bootstrap value if not done
         with torch.no_grad():
             next_value = agent.get_value(next_prompts, next_images).reshape(1, -1)
-            advantages = torch.zeros_like(rewards).to(device)
-            lastgaelam = 0
-            for t in reversed(range(args.num_steps)):
-                if t == args.num_steps - 1:
-                    nextnonterminal = 1.0 - next_done
-                    nextvalues = next_value
-                else:
-                    nextnonterminal = 1.0 - dones[t + 1]
-                    nextvalues = values[t + 1]
-                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
-                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-            returns = advantages + values
+            advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, next_done, args.gamma,
+                                              args.gae_lambda)
 
         # flatten the batch
         b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
@@ -734,7 +784,7 @@ if __name__ == "__main__":
 
         # Optimizing the policy and value network
         clipfracs = []
-        n_micro = 0
+        n_accumulated = 0  # minibatches whose gradients are summed so far
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size).tolist()
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -748,6 +798,7 @@ if __name__ == "__main__":
 
                 with torch.no_grad():
                     # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
 
@@ -769,8 +820,8 @@ if __name__ == "__main__":
                 loss = pg_loss + v_loss * args.vf_coef
 
                 (loss / args.gradient_accumulation_steps).backward()
-                n_micro += 1
-                if n_micro % args.gradient_accumulation_steps == 0 or end >= args.batch_size:
+                n_accumulated += 1
+                if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
                     if world > 1:  # average the gradients over processes, as DDP would
                         grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
                         for p, grad in zip(params, grads.split([p.numel() for p in params])):
@@ -778,7 +829,7 @@ if __name__ == "__main__":
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                    n_micro = 0
+                    n_accumulated = 0
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
@@ -795,6 +846,7 @@ if __name__ == "__main__":
             writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
             writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
             writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
             writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
@@ -805,38 +857,50 @@ if __name__ == "__main__":
             writer.add_scalar("cot/output_tokens", totals[7] / n_samples, global_step)
             if totals[0] > 0:
                 writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
-            mean_return = f"{totals[1] / totals[0]:.3f}" if totals[0] > 0 else "-"
-            success = f"{totals[3] / totals[0]:.2f}" if totals[0] > 0 else "-"
-            print(f"iteration {iteration}/{args.num_iterations} step {global_step} SPS {sps} episodes {int(totals[0])} "
-                  f"return {mean_return} success {success} invalid {totals[4] / n_samples:.2f} "
-                  f"tokens/s {totals[7] / rollout_time:.0f}", flush=True)
+                report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
+            else:
+                report = "no episode ended"
+            print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
+                  f"invalid={totals[4] / n_samples:.2f} tokens/s={totals[7] / rollout_time:.0f}", flush=True)
 
-        if args.save_model:
+        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             rng_states = gather_object([torch.get_rng_state()])
             if accelerator.is_main_process:
                 save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
-                                {"run_name": run_name, "env_id": args.env_id, "model_id": args.model_id, "lora": lora_settings,
-                                 "global_step": global_step, "iteration": iteration, "rng_states": rng_states})
+                                {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
+                                 "iteration": iteration, "global_step": global_step, "rng_states": rng_states})
     envs.close()
 
+    if args.save_model and accelerator.is_main_process:
+        model_path = Path(f"runs/{run_name}/model")
+        save_checkpoint(model_path, agent, None, {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
+                                                  "iteration": args.num_iterations, "global_step": global_step,
+                                                  "rng_states": [torch.get_rng_state()]})
+        print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
+
+    evaluations = {}  # (return, length, success) of each evaluation episode, by mode
     if args.eval_episodes > 0 and accelerator.is_main_process:
-        eval_valid = []
+        for mode in ("greedy", "sampled"):
+            eval_valid = []
 
-        def policy(obs: dict, infos: dict) -> np.ndarray:
-            with torch.no_grad():
-                _, texts, _, _ = agent.get_action_and_value(*prompts_of(obs, infos)[1:])
-            eval_action, valid = env_actions(texts, action_names)
-            eval_valid.extend(valid)
-            return eval_action.numpy()
+            def policy(obs: dict, infos: dict) -> np.ndarray:
+                _, prompts, images = prompts_of(obs, infos)
+                with torch.no_grad():
+                    ids, mask, _, _ = generate(model, processor, prompts, images,
+                                               0.0 if mode == "greedy" else args.temperature, args.max_new_tokens)
+                texts = [split_output(processor.tokenizer, row[m].tolist())[0] for row, m in zip(ids, mask)]
+                eval_action, valid = env_actions(texts, action_names)
+                eval_valid.extend(valid)
+                return eval_action.numpy()
 
-        episodes = evaluate(policy, make_envs(args.env_id, env_seeds), args.eval_episodes)
-        for i, (episodic_return, _, _) in enumerate(episodes):
-            writer.add_scalar("eval/episodic_return", episodic_return, i)
-        eval_returns, success, invalid = np.array([e[0] for e in episodes]), np.mean([e[2] for e in episodes]), 1 - np.mean(eval_valid)
-        writer.add_scalar("eval/success_rate", success, 0)
-        writer.add_scalar("eval/invalid_action_rate", invalid, 0)
-        print(f"eval ({args.model_id}, {len(episodes)} episodes): return {eval_returns.mean():.3f} +- {eval_returns.std():.3f}, "
-              f"success rate {success:.2f}, invalid actions {invalid:.2f}")
+            evaluations[mode] = evaluate(policy, make_envs(args.env_id, env_seeds), args.eval_episodes)
+            eval_returns = np.array([e[0] for e in evaluations[mode]])
+            success, invalid = np.mean([e[2] for e in evaluations[mode]]), 1 - np.mean(eval_valid)
+            writer.add_scalar(f"eval/{mode}_episodic_return", eval_returns.mean(), global_step)
+            writer.add_scalar(f"eval/{mode}_success_rate", success, global_step)
+            writer.add_scalar(f"eval/{mode}_invalid_action_rate", invalid, global_step)
+            print(f"eval {mode}: episodic_return={eval_returns.mean():.3f} success_rate={success:.2f} "
+                  f"invalid={invalid:.2f} over {len(evaluations[mode])} episodes")
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()

@@ -777,7 +777,7 @@ if __name__ == "__main__":
 
         # Optimizing the policy and value network
         clipfracs = []
-        n_accumulated = 0
+        n_accumulated = 0  # minibatches whose gradients are summed so far
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size).tolist()
             for start in range(0, args.batch_size, args.minibatch_size):

@@ -322,15 +322,13 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
 
     def run_evaluation(step: int) -> None:
-        for greedy in (True, False):
-            success, invalid = evaluate_policy(args, model, processor, agent, action_names, greedy)
-            name = "greedy_success_rate" if greedy else "success_rate"
-            writer.add_scalar(f"eval/{name}", success, step)
+        for mode in ("greedy", "sampled"):
+            success, invalid = evaluate_policy(args, model, processor, agent, action_names, mode == "greedy")
+            writer.add_scalar(f"eval/{mode}_success_rate", success, step)
             if args.format == "cot":
-                writer.add_scalar(f"eval/{'greedy_' if greedy else ''}invalid_action_rate", invalid, step)
-            print(f"eval ({source}, {'greedy' if greedy else 'sampled'}, {args.eval_episodes} held-out episodes): "
-                  f"success rate {success:.2f}" + (f", invalid actions {invalid:.2f}" if args.format == "cot" else ""),
-                  flush=True)
+                writer.add_scalar(f"eval/{mode}_invalid_action_rate", invalid, step)
+            print(f"eval {mode} ({source}, {args.eval_episodes} held-out episodes): success_rate={success:.2f}"
+                  + (f" invalid={invalid:.2f}" if args.format == "cot" else ""), flush=True)
 
     start_time, global_step = time.time(), 0
     progress = tqdm(total=total_steps, desc="SFT steps")

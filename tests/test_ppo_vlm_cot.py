@@ -273,7 +273,7 @@ def test_end_to_end_card_env(env_id: str, arch: str, request, monkeypatch, tmp_p
     path = request.getfixturevalue(f"tiny_{arch}_path")
     g = run_script(monkeypatch, tmp_path, "--model-id", path, "--env-id", env_id, "--total-timesteps", "16", *TINY_FLAGS)
     assert g["global_step"] == 16
-    assert "iteration 2/2 step 16" in capsys.readouterr().out
+    assert "iteration 2/2 global_step=16 " in capsys.readouterr().out
     run_dir = tmp_path / "runs" / g["run_name"]
     assert {"charts/SPS", "charts/learning_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy",
             "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "cot/invalid_action_rate",
@@ -298,24 +298,25 @@ def test_untuned_model_evaluation(tiny_llava_path: str, monkeypatch, tmp_path: P
     """--total-timesteps 0 --eval-episodes N evaluates the untuned model, invalid actions counted."""
     g = run_script(monkeypatch, tmp_path, "--model-id", tiny_llava_path, "--env-id", "Blackjack", "--total-timesteps", "0",
                    "--eval-episodes", "3", "--max-new-tokens", "8")
-    assert len(g["episodes"]) == 3 and g["global_step"] == 0
-    assert re.search(r"eval \(.*tiny-llava.*, 3 episodes\): return -?\d.*invalid actions \d", capsys.readouterr().out)
-    assert {"eval/episodic_return", "eval/success_rate", "eval/invalid_action_rate"} <= scalar_tags(tmp_path / "runs" / g["run_name"])
+    assert [len(g["evaluations"][mode]) for mode in ("greedy", "sampled")] == [3, 3] and g["global_step"] == 0
+    assert re.search(r"eval greedy: episodic_return=-?\d.*invalid=\d.* over 3 episodes", capsys.readouterr().out)
+    assert {f"eval/{mode}_{tag}" for mode in ("greedy", "sampled") for tag in
+            ("episodic_return", "success_rate", "invalid_action_rate")} <= scalar_tags(tmp_path / "runs" / g["run_name"])
 
 
 def test_resume_continues_the_run(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """A saved checkpoint resumes at the next iteration in the same run directory, with the saved weights."""
-    argv = ["--model-id", tiny_smolvlm_path, "--env-id", "NumberLine", "--save-model", *TINY_FLAGS]
+    argv = ["--model-id", tiny_smolvlm_path, "--env-id", "NumberLine", *TINY_FLAGS]
     first = run_script(monkeypatch, tmp_path, *argv, "--total-timesteps", "8")
     checkpoint = tmp_path / "runs" / first["run_name"] / "checkpoint"
     saved_head = {k: v.clone() for k, v in first["agent"].value_head.state_dict().items()}
     capsys.readouterr()
     g = run_script(monkeypatch, tmp_path, *argv, "--total-timesteps", "24", "--resume", str(checkpoint))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration ")]
-    assert [line.split(" SPS")[0] for line in lines] == ["iteration 2/3 step 16", "iteration 3/3 step 24"]
+    assert [line.split(" SPS=")[0] for line in lines] == ["iteration 2/3 global_step=16", "iteration 3/3 global_step=24"]
     assert g["run_name"] == first["run_name"] and torch.load(checkpoint / "trainer_state.pt")["iteration"] == 3
     assert not all(torch.equal(saved_head[k], v) for k, v in g["agent"].value_head.state_dict().items())
-    assert "pass the same --model-id, --env-id, --lora-r" in script_error(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id",
+    assert "pass --lora-r 8 to resume it" in script_error(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id",
                                                     "NumberLine", "--resume", str(checkpoint))
     g = run_script(monkeypatch, tmp_path, *argv, "--resume", str(checkpoint), "--total-timesteps", "0",
                    "--eval-episodes", "1", "--max-new-tokens", "4")
@@ -338,7 +339,7 @@ def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: 
            "--total-timesteps", "16", *TINY_FLAGS, "--max-new-tokens", "6"]
     result = subprocess.run(cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "iteration 1/1 step 16" in result.stdout  # 2 processes x 2 envs x 4 steps
+    assert "iteration 1/1 global_step=16 " in result.stdout  # 2 processes x 2 envs x 4 steps
     rank0, rank1 = (torch.load(tmp_path / f"weights_{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k)
@@ -361,9 +362,9 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     """With no --model-id and no Hub, the run goes on with the committed tiny checkpoint, loudly."""
     g = run_script(monkeypatch, tmp_path, "--env-id", "Blackjack", "--total-timesteps", "0", "--eval-episodes", "1",
                    "--max-new-tokens", "4", "--num-envs", "1")
-    assert len(g["episodes"]) == 1
+    assert len(g["evaluations"]["sampled"]) == 1
     captured = capsys.readouterr()
-    assert "taught offline" in captured.err and "eval (HuggingFaceTB/SmolVLM-256M-Instruct, 1 episodes)" in captured.out
+    assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
     monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
@@ -390,8 +391,8 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
         (["--thought-coef", "1.5"], "must lie in [0, 1]"),
         (["--max-new-tokens", "0"], "must be >= 1"),
         (["--num-envs", "1", "--num-steps", "4", "--minibatch-size", "8"], "exceeds the batch"),
-        (["--total-timesteps", "100"], "less than one iteration"),
-        (["--resume", "no-such-checkpoint"], "is not a checkpoint directory"),
+        (["--total-timesteps", "100"], "is less than one rollout"),
+        (["--resume", "no-such-checkpoint"], "Cannot read the checkpoint --resume no-such-checkpoint"),
     ],
 )
 def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeypatch, tmp_path: Path) -> None:

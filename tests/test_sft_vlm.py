@@ -135,9 +135,9 @@ def test_saved_model_loads_in_both_ppo_scripts(tiny_smolvlm_path: str, monkeypat
     g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--lora-r", "8", "--learning-rate", "1e-2",
                    *SMALL)
     out = capsys.readouterr().out
-    assert "eval (" in out and "greedy, 2 held-out episodes" in out and "sampled, 2 held-out episodes" in out
+    assert "eval greedy (" in out and "eval sampled (" in out and "2 held-out episodes): success_rate=" in out
     run_dir = tmp_path / "runs" / g["run_name"]
-    assert {"losses/sft_loss", "eval/success_rate", "eval/greedy_success_rate", "sft/demonstrator_success_rate"} <= \
+    assert {"losses/sft_loss", "eval/sampled_success_rate", "eval/greedy_success_rate", "sft/demonstrator_success_rate"} <= \
         scalar_tags(run_dir)
     saved = run_dir / "model"
     model, processor = AutoModelForImageTextToText.from_pretrained(saved).eval(), AutoProcessor.from_pretrained(saved)
@@ -154,7 +154,7 @@ def test_saved_model_loads_in_both_ppo_scripts(tiny_smolvlm_path: str, monkeypat
         env = ["--env-id", "NumberLine", "--max-new-tokens", "8"] if script == "ppo_vlm_cot.py" else []
         run_as_main(str(REPO_ROOT / script), monkeypatch, tmp_path, "--model-id", str(saved), "--total-timesteps",
                     "0", "--eval-episodes", "1", "--num-envs", "1", *env)
-        assert f"eval ({saved}, 1 episodes)" in capsys.readouterr().out
+        assert "eval sampled: episodic_return=" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
