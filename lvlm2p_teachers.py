@@ -30,6 +30,9 @@ from PIL import Image
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+# printed when the fallback is used
+FALLBACK_MODEL_NOTE = ("a tiny model with RANDOM weights: this run checks the pipeline,\n"
+                       "its numbers say nothing about the paper.")
 
 
 class Frame(NamedTuple):
@@ -86,7 +89,7 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     if os.path.isdir(model_id):
         return model_id, True
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
-        raise SystemExit(f"teacher model directory {model_id} does not exist.")
+        raise SystemExit(f"model directory {model_id} does not exist.")
     try:
         cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
     except ValueError:
@@ -98,10 +101,13 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         return model_id, False
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
+        if not (FALLBACK_MODEL_DIR / "config.json").is_file():
+            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                             "or pass --model-id.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
-              f"its numbers say nothing about the paper.\n{bar}", file=sys.stderr)
+              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
                      "check the id, download the model first, or pass a local directory.")

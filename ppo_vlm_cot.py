@@ -58,6 +58,9 @@ ALGORITHM = "ppo_vlm_cot"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on NumberLine): a stand-in when the Hub is out of reach
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-cot"
+# printed when the fallback is used
+FALLBACK_MODEL_NOTE = ("a small VLM taught offline on NumberLine,\n"
+                       "NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.")
 # Every linear layer of the language model (attention and MLP), not the vision tower, connector or lm_head:
 # SmolVLM / Idefics3 `text_model`, LLaVA / LLaVA-NeXT / Qwen2-VL `language_model`, others `model`.
 LANGUAGE_MODEL_LINEAR = (r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\."
@@ -178,7 +181,7 @@ def make_envs(env_id: str, seeds: Sequence[int]) -> gym.vector.SyncVectorEnv:
 
 
 def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
-    """Ask the Hugging Face Hub about `model_id`, giving up after `timeout` seconds (at once when HF_HUB_OFFLINE is set)."""
+    """Ask the Hugging Face Hub about `model_id`; give up after `timeout` seconds, or at once with HF_HUB_OFFLINE."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return "unreachable"
     answer: list[str] = []
@@ -221,12 +224,10 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
                              "or pass --model-id.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, a small VLM taught offline on NumberLine,\n"
-              f"NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.\n{bar}",
-              file=sys.stderr)
+              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
-                    "check the id, download the model first, or pass a local directory.")
+                     "check the id, download the model first, or pass a local directory.")
 
 
 def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object]:

@@ -54,6 +54,9 @@ ALGORITHM = "ppo_vlm_likelihood"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on FrozenLake8x8): a stand-in when the Hub is out of reach
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-likelihood"
+# printed when the fallback is used
+FALLBACK_MODEL_NOTE = ("a small VLM taught offline on FrozenLake8x8,\n"
+                       "NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.")
 # q/k/v of the language model's self-attention only (not the vision tower, not cross-attention):
 # SmolVLM / Idefics2 / Idefics3 `text_model`, LLaVA / Qwen2-VL `language_model`, Idefics (v1) and text-only LMs `model`.
 LANGUAGE_MODEL_QKV = r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj)"
@@ -235,9 +238,7 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
                              "or pass --model-id.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, a small VLM taught offline on FrozenLake8x8,\n"
-              f"NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.\n{bar}",
-              file=sys.stderr)
+              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
                      "check the id, download the model first, or pass a local directory.")

@@ -389,7 +389,7 @@ def test_resumed_run_ends_where_the_full_run_does(tmp_path, monkeypatch):
     (["--teacher", "expert", "--teacher-fewshot", "no/such/file.txt"], r"Cannot read --teacher-fewshot no/such/file"),
     (["--teacher", "expert", "--env-id", "NoSuchEnv"], r"Unknown --env-id 'NoSuchEnv': use one of FrozenLake8x8"),
     (["--teacher", "expert", "--num-envs", "3", "--num-steps", "5"], r"= 15 steps per rollout cannot be split"),
-    (["--teacher", "hf:/no/such/model"], r"teacher model directory /no/such/model does not exist"),
+    (["--teacher", "hf:/no/such/model"], r"model directory /no/such/model does not exist"),
 ])
 def test_bad_input_is_one_sentence(tmp_path, monkeypatch, flags, message):
     error = script_error(monkeypatch, tmp_path, *flags, "--total-timesteps", "640")
