@@ -1,105 +1,33 @@
-"""The coders of vlm_car_reward.py: the VLM that lists the sub-tasks and writes the reward programs, either a local
-Hugging Face model (`hf:<id or directory>`, greedy) or any OpenAI-compatible chat-completions server
-(`openai:<model>`). Here are stage 1 (`list_subtasks`: `SUBTASK_PROMPT`, its numbered list read by `parse_subtasks`)
-and the prompts of stage 2 (`program_prompt`, `FEEDBACK_PROMPT` for a rewrite after a failed verification), with the
-program read from the reply (`extract_code`) and checked at load (`read_program`); model loading that finds out in
-seconds whether the Hub can be reached and falls back to the committed tiny random model for the default id; and the
---coder flags checked and the coder built from them (`check_coder_args`, `build_coder`). Used by vlm_car_reward.py
-only."""
+"""The plumbing of vlm_car_reward.py's coder, the VLM that lists the sub-tasks and writes the reward programs: a
+local Hugging Face model (`HFCoder`, greedy) or any OpenAI-compatible chat-completions server (`OpenAICoder`), each a
+callable from a prompt and images to the reply; and model loading that finds out in seconds whether the Hub can be
+reached and falls back to the committed tiny random model for the default id. The method is the script's: the
+prompts, the readers of the replies and what is done with them. Used by vlm_car_reward.py only; it never imports
+the script."""
 
-import ast
 import base64
 import io
 import json
 import os
-import re
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import huggingface_hub
 import numpy as np
 import torch
 import torch.nn as nn
 from huggingface_hub import try_to_load_from_cache
-from minigrid.core.constants import COLOR_TO_IDX, COLORS, OBJECT_TO_IDX
 from PIL import Image
-
-from car_sandbox import NEVER_DONE, UnsafeCodeError, load_checker
-
-if TYPE_CHECKING:  # only for the type of `args`: at run time the script imports this module, not the reverse
-    from vlm_car_reward import Args
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
 CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
-MAX_SUBTASKS = 8
-
-
-class NoPrograms(Exception):
-    """No reward programs passed verification; the message says why (one sentence, without its full stop)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The prompts of stage 1 (sub-tasks) and stage 2 (one program per sub-task, rewritten with stage 3's report)
-# ---------------------------------------------------------------------------------------------------------------------
-SUBTASK_PROMPT = (
-    "The two images show a grid world from above: the first at the start of an episode, the second at its end, after "
-    "an expert completed the task. The agent is the red triangle. The task: {mission}.\n"
-    "Break the task into the sub-tasks the agent completes, in order, each one visible in a single image of the grid. "
-    "Answer with a numbered list, one short sub-task per line (at most {max_subtasks}), and nothing else."
-)
-FRAME_INPUT = (
-    "`frame` is a numpy uint8 array of shape ({height}, {width}, 3), RGB: the whole grid seen from above (the image "
-    "shows the start of an episode), {cols} x {rows} cells of {tile} x {tile} pixels; cell (x, y) covers "
-    "frame[y*{tile}:(y+1)*{tile}, x*{tile}:(x+1)*{tile}]. Walls are grey {grey}, the goal is a green square, the agent "
-    "is a red triangle, and keys, doors, balls and boxes are drawn in their colour; a locked door is a filled square, "
-    "an open door a thin bar at the side of its cell, and an object the agent carries is not drawn. Colours (RGB): "
-    "{colours}."
-)
-STATE_INPUT = (
-    "`frame` is a numpy uint8 array of shape (7, 7, 5): the agent's 7 x 7 view, frame[x, y], the agent at frame[3, 6] "
-    "looking towards y = 0 (its own cell holds what it carries). Channel 0 is the object ({objects}), channel 1 the "
-    "colour ({colours}), channel 2 the state (doors: 0 open, 1 closed, 2 locked), channels 3 and 4 the mission's "
-    "target object and colour + 1 (0: none)."
-)
-PROGRAM_PROMPT = (
-    "A grid world. The task: {mission}. Its sub-tasks, in order:\n{subtasks}\n"
-    "Write a Python function `def check(frame) -> bool` that returns True exactly when sub-task {k} ({subtask}) has "
-    "been completed in the observation `frame`, and False before. {input}\n"
-    "numpy is available as `np` and the math module as `math`; nothing else can be imported, names starting with an "
-    "underscore are not allowed, and the function must not read or write files. Answer with the code in one "
-    "```python block."
-)
-FEEDBACK_PROMPT = (
-    "\n\nYour previous program for this sub-task was:\n```python\n{code}\n```\nIt failed verification on expert and "
-    "random trajectories: {report}. Write a corrected program."
-)
-
-
-def program_prompt(mission: str, subtasks: Sequence[str], k: int, checker_input: str, frame_shape: tuple[int, ...],
-                   grid: tuple[int, int], tile: int) -> str:
-    """The stage-2 prompt for sub-task k: the task, all sub-tasks, and what `frame` holds."""
-    if checker_input == "frame":
-        colours = ", ".join(f"{name} {tuple(int(v) for v in rgb)}" for name, rgb in COLORS.items())
-        described = FRAME_INPUT.format(height=frame_shape[0], width=frame_shape[1], cols=grid[0], rows=grid[1],
-                                       tile=tile, grey=tuple(int(v) for v in COLORS["grey"]), colours=colours)
-    else:
-        described = STATE_INPUT.format(objects=", ".join(f"{i} {name}" for name, i in OBJECT_TO_IDX.items()),
-                                       colours=", ".join(f"{i} {name}" for name, i in COLOR_TO_IDX.items()))
-    listed = "\n".join(f"{i + 1}. {subtask}" for i, subtask in enumerate(subtasks))
-    return PROGRAM_PROMPT.format(mission=mission, subtasks=listed, k=k + 1, subtask=subtasks[k], input=described)
-
-
-def coder_kind(coder: str) -> Literal["hf", "openai"] | None:
-    """Which backend a --coder value names, or None."""
-    prefix, _, name = coder.partition(":")
-    return prefix if prefix in ("hf", "openai") and name else None
 
 
 def coder_image(frame: np.ndarray) -> np.ndarray:
@@ -240,89 +168,3 @@ def load_coder_model(model_id: str, device: torch.device) -> tuple[nn.Module, ob
     ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model.generation_config = GenerationConfig(**ids)
     return model, processor
-
-
-def list_subtasks(coder: Callable[[str, Sequence[np.ndarray]], str], mission: str, first: np.ndarray,
-                  last: np.ndarray, attempts: int, log: Callable[[str], None]) -> list[str]:
-    """Stage 1: the sub-tasks that the coder lists from the first and the last frame of an expert episode, asked up
-    to `attempts` times for a numbered list."""
-    reply = ""
-    for attempt in range(attempts):
-        reply = coder(SUBTASK_PROMPT.format(mission=mission, max_subtasks=MAX_SUBTASKS), [first, last])
-        subtasks = parse_subtasks(reply)[:MAX_SUBTASKS]
-        log(f"stage 1, attempt {attempt + 1}: sub-tasks {subtasks}")
-        if subtasks:
-            return subtasks
-    raise NoPrograms(f"The coder listed no sub-tasks (a numbered list) in {attempts} attempt(s), so there are no "
-                     f"reward programs (its last reply began {reply[:80]!r})")
-
-
-def check_coder_args(args: "Args") -> None:
-    """Turn the mistakes a user can make in the --coder flags into one sentence and a non-zero exit."""
-    kind = coder_kind(args.coder)
-    if kind is None:
-        raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
-    if kind == "openai" and not args.coder_base_url:
-        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
-
-
-def build_coder(args: "Args", device: torch.device) -> Callable[[str, Sequence[np.ndarray]], str]:
-    """The coder that --coder names."""
-    kind, name = coder_kind(args.coder), args.coder.partition(":")[2]
-    if kind == "openai":
-        return OpenAICoder(name, args.coder_base_url, os.environ.get(args.coder_api_key_env), args.max_new_tokens,
-                           args.coder_timeout, args.coder_retries, args.coder_backoff)
-    model, processor = load_coder_model(name, device)
-    return HFCoder(model, processor, args.max_new_tokens)
-
-
-NUMBERED = re.compile(r"^\s*(?:step\s*)?\d{1,2}\s*[.):]\s*(.*\S)\s*$", re.IGNORECASE | re.MULTILINE)
-FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
-CODE_START = re.compile(r"^(?:import |from |def |[A-Za-z_][A-Za-z0-9_]* = )")
-
-
-def parse_subtasks(text: str) -> list[str]:
-    """The numbered list of a stage-1 reply, in order (markdown emphasis removed); [] when there is none."""
-    items = [re.sub(r"[*_`]+", "", match.group(1)).strip() for match in NUMBERED.finditer(text)]
-    return [item for item in items if item]
-
-
-def _parses(code: str) -> bool:
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
-        return False
-    return any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in tree.body)
-
-
-def extract_code(text: str) -> str | None:
-    """The program in a reply: the fenced block that defines `check` (a block cut off at the end of the reply counts),
-    else the longest run of lines around `def check` that parses; None when there is no parsable `check`."""
-    blocks = [match.group(2) for match in FENCE.finditer(text)]
-    for block in blocks:
-        if "def check" in block and _parses(block):
-            return block.strip() + "\n"
-    lines = text.splitlines()[:500]
-    defs = [i for i, line in enumerate(lines) if line.startswith("def check")]
-    if not defs:
-        return None
-    starts = [i for i in range(defs[0] + 1) if CODE_START.match(lines[i])]
-    for start in starts:  # earliest code line first (imports and constants), then the longest piece that parses
-        for end in range(len(lines), defs[0], -1):
-            code = "\n".join(lines[start:end])
-            if _parses(code):
-                return code.strip() + "\n"
-    return None
-
-
-def read_program(reply: str) -> tuple[str, str, str | None]:
-    """The code in a reply ("" when there is none), the program the worker runs for it (validated by load_checker,
-    else NEVER_DONE) and why the code has no program of its own (None when it has)."""
-    code = extract_code(reply) or ""
-    if not code:
-        return "", NEVER_DONE, "the reply has no `def check(frame)` in a ```python block"
-    try:
-        return code, load_checker(code), None
-    except UnsafeCodeError as error:
-        return code, NEVER_DONE, f"UnsafeCodeError: {error}"

@@ -7,10 +7,10 @@ numpy code on a frame needs), so that a construct nobody thought of is refused (
 installs a default-deny seccomp filter (memory, time, its two pipes, signals to itself, exit), no-new-privs, a
 parent-death signal, non-dumpability and a Landlock ruleset that grants no path; its answers are bounded JSON read
 on deadlines, it is stood up again when a program hangs or kills it, and a program that keeps failing is disabled.
-`SubtaskProgress` keeps, over a vector env, the sub-task each env is at and sends each env's frame to its next
-program. `save_programs` and `load_programs` write and read back a folder of accepted programs (`subtask_<k>.py` and
-`programs.json`); what is read back goes through `load_checker` again. Only vlm_car_reward.py uses this file; it
-lives apart so that the one piece that must be audited as a whole can be read as a whole.
+`save_programs` and `load_programs` write and read back a folder of accepted programs (`subtask_<k>.py` and
+`programs.json`); what is read back goes through `load_checker` again. Only vlm_car_reward.py uses this file (it
+never imports the script, whose reward rule drives the worker); it lives apart so that the one piece that must be
+audited as a whole can be read as a whole.
 """
 
 import ast
@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import warnings
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Self
@@ -453,7 +452,6 @@ class ConfinementUnavailable(Exception):
 
 PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size; a vector step of 16 UnlockPickup frames is about 200 KiB
 SETUP_SECONDS = 10.0  # to start a worker, install its OS layer and load the programs (plus their time limits)
-RECENT_FRAMES = 16  # per env, the frames its next program found not done that are not sent again
 NEVER_DONE = "def check(frame):\n    return False\n"  # what the worker runs in place of a program that did not load
 
 
@@ -667,59 +665,6 @@ def confinement_problem() -> str | None:
     except ConfinementUnavailable as error:
         return str(error)
     return None
-
-
-class SubtaskProgress:
-    """The sub-tasks that each env of a vector env has completed, in order, in its episode, checked by the worker.
-    `submit` sends the frames of a vector step, each env's next not-yet-completed program first in line, in one worker
-    call; `collect` (called one step later: the worker checks while the agent acts) returns the sub-tasks each env
-    completed in that step, and the sub-tasks completed in the episodes that ended in that step, whose progress starts
-    again from 0. An env that has completed every sub-task is not checked again in its episode, and an env whose frame
-    is one of the last RECENT_FRAMES that its next program found not done is not sent: a validated program keeps no
-    state (its constants are frozen, its namespaces its own), so its answer depends on the frame alone. Under random
-    play about 60% of MiniGrid steps leave the frame as it was (turns into walls, pick-ups of nothing) and about 77%
-    show one of the last 16 frames (turning in place)."""
-
-    def __init__(self, sandbox: Sandbox, num_envs: int):
-        self.sandbox = sandbox
-        self.progress = np.zeros(num_envs, dtype=np.int64)  # sub-tasks completed, in order, in each env's episode
-        # per env: the program it is at, and the frames (by CRC) that program found not done
-        self.not_done: list[tuple[int, dict[int, np.ndarray]]] = [(0, {}) for _ in range(num_envs)]
-        self.pending: tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]] | None = None
-
-    def submit(self, frames: np.ndarray, ended: np.ndarray) -> None:
-        candidates = np.flatnonzero(self.progress < len(self.sandbox.programs))
-        sent = [(i, zlib.crc32(frame), frame) for i, frame in ((i, np.ascontiguousarray(frames[i])) for i in candidates)]
-        sent = [(i, crc, frame) for i, crc, frame in sent if not self._seen(i, crc, frame)]
-        active = np.array([i for i, _, _ in sent], dtype=np.int64)
-        self.sandbox.submit(self.progress[active].tolist(), [frame[None] for _, _, frame in sent])
-        self.pending = (active, ended, [(crc, frame.copy()) for _, crc, frame in sent])
-
-    def _seen(self, i: int, crc: int, frame: np.ndarray) -> bool:
-        program, frames = self.not_done[i]
-        if program != self.progress[i]:  # a new program: what the last one found says nothing about it
-            self.not_done[i] = (int(self.progress[i]), {})
-            return False
-        return crc in frames and np.array_equal(frames[crc], frame)
-
-    def collect(self) -> tuple[np.ndarray, list[int]]:
-        active, ended, sent = self.pending
-        self.pending = None
-        restarts = self.sandbox.restarts
-        answers = self.sandbox.collect()
-        if self.sandbox.restarts == restarts:  # an answer of a restarted worker is no answer
-            for i, steps, (crc, frame) in zip(active, answers, sent):
-                frames = self.not_done[i][1]
-                if not steps:
-                    frames[crc] = frame
-                    if len(frames) > RECENT_FRAMES:
-                        del frames[next(iter(frames))]
-        new = np.zeros(len(self.progress), dtype=np.int64)
-        new[active] = [len(steps) for steps in answers]
-        self.progress += new
-        completed = [int(self.progress[i]) for i in np.flatnonzero(ended)]
-        self.progress[ended] = 0
-        return new, completed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

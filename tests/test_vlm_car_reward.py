@@ -20,8 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import car_sandbox
 import text_envs
 import vlm_car_reward as car
-from car_coders import extract_code, parse_subtasks
-from car_sandbox import SubtaskProgress, load_checker, load_programs, save_programs
+from car_sandbox import load_checker, load_programs, save_programs
 
 SCRIPT = str(Path(car.__file__).resolve())
 REFERENCE = Path(car.__file__).resolve().parent / "reference_programs"
@@ -113,13 +112,13 @@ def test_verification_refuses_bad_programs(doorkey8_trajectories, programs, fail
 ], ids=["fenced", "fence without language", "two blocks", "unfenced with prose", "fence cut off", "broken",
         "no code", "no check"])
 def test_extract_code(reply, expected):
-    assert extract_code(reply) == expected
+    assert car.extract_code(reply) == expected
 
 
 def test_parse_subtasks():
     reply = "Sub-tasks:\n1. **Pick up the key**\n2) open the door\n3: go to the goal\nThat is all."
-    assert parse_subtasks(reply) == ["Pick up the key", "open the door", "go to the goal"]
-    assert parse_subtasks("no list here") == []
+    assert car.parse_subtasks(reply) == ["Pick up the key", "open the door", "go to the goal"]
+    assert car.parse_subtasks("no list here") == []
 
 
 def test_end_to_end_with_reference_programs(tmp_path, monkeypatch, capsys):
@@ -279,7 +278,7 @@ def test_subtask_progress_counts_each_subtask_once_in_order():
         return np.array(values, dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(3, axis=3)
 
     with car.Sandbox(programs) as sandbox:
-        dense = SubtaskProgress(sandbox, num_envs=3)
+        dense = car.SubtaskProgress(sandbox, num_envs=3)
         dense.submit(frames(2, 1, 0), np.array([False, True, False]))
         new, completed = dense.collect()
         assert new.tolist() == [2, 1, 0] and completed == [1]
@@ -302,7 +301,7 @@ def test_subtask_progress_does_not_send_a_frame_its_program_found_not_done():
     with car.Sandbox([program, program]) as sandbox:
         submit = sandbox.submit
         sandbox.submit = lambda starts, sequences: (sent.append(len(sequences)), submit(starts, sequences))
-        dense = SubtaskProgress(sandbox, num_envs=2)
+        dense = car.SubtaskProgress(sandbox, num_envs=2)
         for values in [(0, 0), (1, 0), (0, 0), (1, 0), (2, 0), (0, 9), (9, 9)]:
             dense.submit(np.array(values, dtype=np.uint8).reshape(2, 1, 1, 1).repeat(3, axis=3), np.zeros(2, bool))
             dense.collect()
