@@ -67,11 +67,12 @@ class Args:
     checkpoint_freq: int = 10
     """save a checkpoint to `runs/{run_name}/checkpoint.pt` every this many iterations (0: never)"""
     resume: str | None = None
-    """path of a checkpoint to continue from, with its reward programs (the env flags must be the checkpoint's)"""
+    """path of a checkpoint to continue from, programs included (the env flags must be the same as the checkpoint's)"""
 
-    # Reward programs (stages 1 to 3)
+    # Algorithm specific arguments
     env_id: str = "DoorKey"
-    """the id of the environment: a text_envs grid env (short id or full MiniGrid-* / BabyAI-* id)"""
+    """the id of the environment: a text_envs grid env's short id or a full MiniGrid-*/BabyAI-* id"""
+    # stages 1 to 3: the coder writes the reward programs, verification accepts them
     coder: str = f"hf:{DEFAULT_MODEL_ID}"
     """the VLM that writes the programs: hf:<hub id or directory> (a local VLM) or openai:<model> (see --coder-base-url)"""
     coder_base_url: str | None = None
@@ -107,8 +108,7 @@ class Args:
     accept_unconfined_programs: bool = False
     """run the programs even where the worker's OS layer (seccomp, Landlock) cannot be installed: only the load check
     and the OS limits then hold them"""
-
-    # PPO (stage 4), ppo_cnn_baseline.py's
+    # stage 4: PPO on the env reward plus the sub-task bonus
     subtask_bonus: float = 0.1
     """reward added for each sub-task the first time it completes, in order, within an episode"""
     total_timesteps: int = 100000
@@ -238,7 +238,12 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE advantages and returns for (num_steps, num_envs) tensors (ppo_cnn_baseline's: a truncation bootstraps)."""
+    """GAE advantages and returns for (num_steps, num_envs) tensors.
+
+    `dones[t]` says that obs[t] starts a new episode (the step before ended one); `final_values[t]` is
+    V(final obs) where step t truncated an episode and 0 elsewhere, so a time limit is not mistaken for the
+    end of the task.
+    """
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -249,6 +254,7 @@ def compute_gae(
         else:
             nextnonterminal = 1.0 - dones[t + 1]
             nextvalues = values[t + 1]
+        # after a truncation nextnonterminal is 0 and final_values[t] carries the bootstrap (CleanRL #198)
         delta = rewards[t] + gamma * (nextvalues * nextnonterminal + final_values[t]) - values[t]
         advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
     return advantages, advantages + values
@@ -576,13 +582,6 @@ def grid_size(env_id: str) -> tuple[int, int]:
 
 def check_args(args: Args) -> tuple[int, int]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the grid size."""
-    coder_writes = args.reward_programs is None and args.resume is None  # a resumed run has the checkpoint's programs
-    kind = coder_kind(args.coder)
-    if coder_writes and kind is None:
-        raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
-    if coder_writes and kind == "openai" and not args.coder_base_url:
-        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -593,6 +592,14 @@ def check_args(args: Args) -> tuple[int, int]:
             f"--total-timesteps {args.total_timesteps} is less than one rollout "
             f"(--num-envs x --num-steps = {args.batch_size}): raise it, or pass 0 to write the programs only."
         )
+    grid = grid_size(args.env_id)
+    coder_writes = args.reward_programs is None and args.resume is None  # a resumed run has the checkpoint's programs
+    kind = coder_kind(args.coder)
+    if coder_writes and kind is None:
+        raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
+    if coder_writes and kind == "openai" and not args.coder_base_url:
+        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
+                         "(e.g. http://localhost:8000/v1).")
     if min(args.num_expert, args.num_random, args.subtask_bonus, args.total_timesteps) < 0 or args.max_rounds < 1:
         raise SystemExit("--num-expert, --num-random, --subtask-bonus and --total-timesteps must be >= 0 and "
                          "--max-rounds >= 1.")
@@ -600,7 +607,11 @@ def check_args(args: Args) -> tuple[int, int]:
         raise SystemExit("--num-expert must be >= 1 when the coder writes the programs: verification needs experts.")
     if args.tile_size < 4 or args.checker_timeout <= 0 or args.checker_memory_mb < 256:
         raise SystemExit("--tile-size must be >= 4, --checker-timeout > 0 and --checker-memory-mb >= 256.")
-    return grid_size(args.env_id)
+    if not args.accept_unconfined_programs and (problem := confinement_problem()):
+        raise SystemExit(f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip "
+                         "install -r requirements.txt (pyseccomp, with libseccomp.so.2), or pass "
+                         "--accept-unconfined-programs to run them behind the load check and the OS limits alone.")
+    return grid
 
 
 def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
@@ -677,25 +688,14 @@ if __name__ == "__main__":
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
     grid = check_args(args)
-    if not args.accept_unconfined_programs and (problem := confinement_problem()):
-        raise SystemExit(f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip "
-                         "install -r requirements.txt (pyseccomp, with libseccomp.so.2), or pass "
-                         "--accept-unconfined-programs to run them behind the load check and the OS limits alone.")
-    image_size = args.tile_size * max(grid)
-    full_env_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(1)  # the networks are tiny: on a CPU, more threads only wait for each other
-    torch.distributions.Distribution.set_default_validate_args(False)
-
-    # Stages 1 to 3: the reward programs, written by the coder or read back, and verified
+    # Stages 1 to 3: the reward programs, written by the coder or read back, and verified, before the run's folder
+    # and its writer exist (a run whose programs fail leaves no folder)
+    image_size = args.tile_size * max(grid)  # the frames the programs read: --tile-size pixels per cell
+    full_env_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
     key = "image" if args.checker_input == "frame" else "state"
     program_log: list[str] = []
 
@@ -775,8 +775,16 @@ if __name__ == "__main__":
         for k, (subtask, program) in enumerate(zip(subtasks, programs))
     ]))
 
-    # Stage 4: env setup, the programs in a worker of their own (a resumed run continues the checkpoint's envs
-    # mid-episode, RNGs included, in a new worker: a process cannot be pickled)
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    # the networks are tiny: on a CPU, more threads only wait for each other (and spin on a shared machine)
+    torch.set_num_threads(1)
+    torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than a forward pass
+
+    # env setup: a resumed run continues the checkpoint's envs mid-episode, RNGs included
     if checkpoint:
         envs = gym.vector.SyncVectorEnv(
             [lambda env=env: env for env in checkpoint["envs"]], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -784,6 +792,7 @@ if __name__ == "__main__":
     else:
         envs = make_envs(args, image_size, key if programs else None)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
+    # stage 4: the programs in a worker of their own (a new one on resume: a process cannot be pickled)
     sandbox = start_sandbox(programs, args) if programs else None
     dense = SubtaskProgress(sandbox, args.num_envs) if programs else None
 
@@ -965,11 +974,12 @@ if __name__ == "__main__":
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        report = "no episode ended"
         if episode_returns:
             success_rate = float(np.mean(episode_successes))
             writer.add_scalar("charts/success_rate", success_rate, global_step)
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
+        else:
+            report = "no episode ended"
         if sandbox is not None:
             writer.add_scalar("reward/bonus_per_step", float(np.mean(step_bonus)), global_step)
             writer.add_scalar("reward/checker_errors", sandbox.errors, global_step)
