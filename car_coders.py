@@ -27,6 +27,8 @@ from PIL import Image
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
+FALLBACK_MODEL_NOTE = ("a tiny model with RANDOM weights: this run checks the pipeline,\n"
+                       "its programs will not pass verification.")
 CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
 
 
@@ -94,7 +96,7 @@ class HFCoder:
 
 
 def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
-    """Ask the Hugging Face Hub about `model_id`, giving up after `timeout` seconds (at once when HF_HUB_OFFLINE is set)."""
+    """Ask the Hugging Face Hub about `model_id`; give up after `timeout` seconds, or at once with HF_HUB_OFFLINE."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return "unreachable"
     answer: list[str] = []
@@ -131,10 +133,13 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         return model_id, False
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
+        if not (FALLBACK_MODEL_DIR / "config.json").is_file():
+            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                             "or name a local model directory.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, a tiny model with RANDOM weights: this run checks the pipeline,\n"
-              f"its programs will not pass verification.\n{bar}", file=sys.stderr)
+              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
         return str(FALLBACK_MODEL_DIR), True
     raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
                      "check the id, download the model first, or pass a local directory.")

@@ -104,7 +104,7 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
             raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
                              f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or pass --model-id.")
+                             "or name a local model directory.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
               f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)

@@ -2,6 +2,7 @@
 # CleanRL's ppo.py, plus: truncated episodes are bootstrapped with V(final obs) instead of being treated as
 # terminal (CleanRL issue #198), Gymnasium 1.x vector envs reset in the same step (no transition crosses an
 # episode boundary, CleanRL issue #499), checkpoints with --resume, and an evaluation of the saved model.
+# Needs: text_envs.py
 import importlib.util
 import operator
 import os

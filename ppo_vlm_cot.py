@@ -14,6 +14,8 @@ not from hard-coded token ids (theirs did not match their own tokenizer); every 
 env's own formula; and generation is batched over --num-envs envs with the KV cache (theirs: one env per GPU).
 Under bf16 the old log-probs are recomputed by the update's own forward pass, so PPO's first ratio is exactly 1.
 
+Needs: text_envs.py (and assets/tiny-smolvlm-cot, the offline fallback model)
+
     python ppo_vlm_cot.py --env-id NumberLine
     accelerate launch --num_processes 2 ppo_vlm_cot.py --env-id EZPoints --load-in-4bit
     python ppo_vlm_cot.py --env-id Blackjack --total-timesteps 0 --eval-episodes 100  # untuned model
@@ -221,7 +223,7 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
             raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
                              f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or pass --model-id.")
+                             "or name a local model directory.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
               f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
@@ -283,7 +285,8 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) ->
     try:
         with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 the deprecated question
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-            return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
+            return get_peft_model(model,
+                                  LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
     except ValueError as err:
         raise SystemExit(f"--lora-target-modules matches no module of this model ({err}).".replace("\n", " ")) from None
 

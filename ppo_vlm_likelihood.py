@@ -11,7 +11,11 @@ Unlike the authors' code, scores are log-probabilities (log_softmax over the voc
 logits), and each state's prefix, image included, is encoded once and its KV cache reused for every
 action, in rollouts and in the PPO update; advantages are normalised over the whole rollout batch (theirs per
 minibatch, where 2 samples always become -1 / +1); each frame is one image tile (--image-splitting: the processor's
-own tiling). Run: `python ppo_vlm_likelihood.py --env-id FrozenLake8x8`;
+own tiling).
+
+Needs: text_envs.py (and assets/tiny-smolvlm-likelihood, the offline fallback model)
+
+Run: `python ppo_vlm_likelihood.py --env-id FrozenLake8x8`;
 `accelerate launch --num_processes 4 ppo_vlm_likelihood.py ...` for several GPUs.
 """
 
@@ -235,7 +239,7 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
             raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
                              f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or pass --model-id.")
+                             "or name a local model directory.")
         bar = "!" * 100
         print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
               f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
