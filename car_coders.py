@@ -27,8 +27,9 @@ from PIL import Image
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
-FALLBACK_MODEL_NOTE = ("a tiny model with RANDOM weights: this run checks the pipeline,\n"
-                       "its programs will not pass verification.")
+FALLBACK_MODEL_NOTE = (
+    "a tiny model with RANDOM weights: this run checks the pipeline,\nits programs will not pass verification."
+)
 CODER_IMAGE_SIDE = 256  # frames are shown to the coder upscaled to at least this many pixels
 
 
@@ -53,16 +54,30 @@ class OpenAICoder:
     """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs), each failed
     request retried with exponential backoff."""
 
-    def __init__(self, model: str, base_url: str, api_key: str | None, max_new_tokens: int, timeout: float,
-                 retries: int, backoff: float):
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key: str | None,
+        max_new_tokens: int,
+        timeout: float,
+        retries: int,
+        backoff: float,
+    ):
         self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
         self.max_new_tokens, self.timeout, self.retries, self.backoff = max_new_tokens, timeout, retries, backoff
 
     def __call__(self, text: str, images: Sequence[np.ndarray]) -> str:
         """The reply to one user turn: the images, then the text."""
         content = [{"type": "image_url", "image_url": {"url": png_data_url(coder_image(image))}} for image in images]
-        body = json.dumps({"model": self.model, "max_tokens": self.max_new_tokens, "temperature": 0,
-                           "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]})
+        body = json.dumps(
+            {
+                "model": self.model,
+                "max_tokens": self.max_new_tokens,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+            }
+        )
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -88,11 +103,12 @@ class HFCoder:
     def __call__(self, text: str, images: Sequence[np.ndarray]) -> str:
         """The reply to one user turn: the images, then the text."""
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                    tokenize=False)
+        prompt = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
         enc = self.processor(text=[prompt], images=[[coder_image(image) for image in images]], return_tensors="pt")
         out = self.model.generate(**enc.to(self.model.device), do_sample=False, max_new_tokens=self.max_new_tokens)
-        return self.processor.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.processor.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
@@ -134,15 +150,22 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
-            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
-                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or name a local model directory.")
+            raise SystemExit(
+                f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                "or name a local model directory."
+            )
         bar = "!" * 100
-        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
+        print(
+            f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+            f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}",
+            file=sys.stderr,
+        )
         return str(FALLBACK_MODEL_DIR), True
-    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
-                     "check the id, download the model first, or pass a local directory.")
+    raise SystemExit(
+        f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+        "check the id, download the model first, or pass a local directory."
+    )
 
 
 def load_coder_model(model_id: str, device: torch.device) -> tuple[nn.Module, object]:
@@ -164,11 +187,14 @@ def load_coder_model(model_id: str, device: torch.device) -> tuple[nn.Module, ob
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SystemExit(f"cannot load coder model {model_id!r} ({reason}).") from None
     if config.model_type == "idefics" or config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise SystemExit(f"coder model {model_id!r} ({config.model_type}) is not a vision-language model with a chat "
-                         "template: use e.g. SmolVLM, Idefics3, LLaVA or Qwen2-VL.")
+        raise SystemExit(
+            f"coder model {model_id!r} ({config.model_type}) is not a vision-language model with a chat "
+            "template: use e.g. SmolVLM, Idefics3, LLaVA or Qwen2-VL."
+        )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map={"": device},
-                                                        local_files_only=offline).eval()
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, dtype=dtype, device_map={"": device}, local_files_only=offline
+    ).eval()
     processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
     ids = {k: getattr(model.generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model.generation_config = GenerationConfig(**ids)

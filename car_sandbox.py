@@ -37,6 +37,7 @@ import numpy as np
 
 MAX_PROGRAM_CHARS = 20_000
 MAX_PROGRAM_DEPTH = 64  # AST nesting; deeper code is refused before anything recursive (literal_eval, unparse) sees it
+# fmt: off
 # What a program may use: everything else is refused at load, so that a construct nobody thought of is refused too.
 # The worker gets only these objects.
 NUMPY_API = [
@@ -96,6 +97,7 @@ WORKER_SYSCALLS = [
     "rt_sigreturn", "sigaltstack", "setitimer", "getitimer", "clock_gettime", "clock_getres", "gettimeofday",
     "getrusage", "times", "getpid", "gettid", "sched_yield", "getrandom", "restart_syscall", "exit", "exit_group",
 ]
+# fmt: on
 MAX_REPLY_BYTES = 1 << 20  # the longest answer the parent reads from a worker
 MAX_REPLY_DEPTH = 4  # brackets open at once in an answer: {"completed": [[1, 2]]} has 3
 
@@ -199,17 +201,21 @@ def _checked_program(code: str) -> str:
             raise UnsafeCodeError(f"{where}: default arguments must be constants")
         if isinstance(node, ast.Name) and node.id not in known:
             raise UnsafeCodeError(f"{where} uses the name `{node.id}`, which is neither the program's own nor given")
-        if isinstance(node, ast.Attribute) and (node.attr not in ALLOWED_ATTRIBUTES
-                                                or not isinstance(node.ctx, ast.Load)):
-            raise UnsafeCodeError(f"{where} {'reads' if isinstance(node.ctx, ast.Load) else 'sets'} the attribute "
-                                  f"`.{node.attr}`, which programs may not")
+        if isinstance(node, ast.Attribute) and (
+            node.attr not in ALLOWED_ATTRIBUTES or not isinstance(node.ctx, ast.Load)
+        ):
+            raise UnsafeCodeError(
+                f"{where} {'reads' if isinstance(node.ctx, ast.Load) else 'sets'} the attribute "
+                f"`.{node.attr}`, which programs may not"
+            )
         if isinstance(node, ast.keyword) and node.arg not in ALLOWED_KEYWORDS:
             raise UnsafeCodeError(f"{where} passes the keyword `{node.arg or '**'}`, which programs may not")
         if isinstance(node, ast.Constant) and not isinstance(node.value, ALLOWED_CONSTANTS):
             raise UnsafeCodeError(f"{where} has a {type(node.value).__name__} constant, which programs may not")
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and ("__" in node.value or "%" in node.value):
-            raise UnsafeCodeError(f"{where} has a string with `__` or `%` (a format, which shows addresses), which "
-                                  "programs may not")
+            raise UnsafeCodeError(
+                f"{where} has a string with `__` or `%` (a format, which shows addresses), which programs may not"
+            )
     return ast.unparse(module)
 
 
@@ -262,7 +268,7 @@ def sandbox_worker() -> None:
         data = json.dumps(message).encode()
         data = struct.pack("<Q", len(data)) + data
         while data:
-            data = data[os.write(write_fd, data):]
+            data = data[os.write(write_fd, data) :]
 
     class TimeLimit(BaseException):  # not an Exception: `except Exception` in a program cannot catch it
         pass
@@ -299,8 +305,10 @@ def sandbox_worker() -> None:
     if os.getppid() != config["parent"]:  # the trainer died before the signal was set
         os._exit(0)
     # the slot where the parent reads which program runs, should this process hang or die
-    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mmap.restype, libc.mmap.argtypes = (
+        ctypes.c_void_p,
+        [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long],
+    )
     address = libc.mmap(None, 8, 3, 1, config["slot_fd"], 0)  # PROT_READ | PROT_WRITE, MAP_SHARED
     os.close(config["slot_fd"])
     running = ctypes.c_int64.from_address(address) if address not in (None, ctypes.c_void_p(-1).value) else None
@@ -326,8 +334,13 @@ def sandbox_worker() -> None:
         rules = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
         for name in config["syscalls"]:
             rules.add_rule(seccomp.ALLOW, name)
-        for name, argument in (("read", read_fd), ("write", write_fd), ("kill", os.getpid()),
-                               ("tgkill", os.getpid()), ("prlimit64", 0)):
+        for name, argument in (
+            ("read", read_fd),
+            ("write", write_fd),
+            ("kill", os.getpid()),
+            ("tgkill", os.getpid()),
+            ("prlimit64", 0),
+        ):
             rules.add_rule(seccomp.ALLOW, name, seccomp.Arg(0, seccomp.EQ, argument))
         held = ["no-new-privs", "parent-death signal", "not dumpable"]
         try:
@@ -401,8 +414,11 @@ def sandbox_worker() -> None:
 
     checks, loaded = [], []
     for k, program in enumerate(programs):  # each program with its own namespaces: none can rebind another's np
-        namespace = {"__builtins__": {**safe_builtins, "__import__": numpy_import},
-                     "np": types.SimpleNamespace(**numpy_api), "math": types.SimpleNamespace(**math_api)}
+        namespace = {
+            "__builtins__": {**safe_builtins, "__import__": numpy_import},
+            "np": types.SimpleNamespace(**numpy_api),
+            "math": types.SimpleNamespace(**math_api),
+        }
         _, error = call(k, load, program, namespace)
         check = namespace.get("check")
         checks.append(check if error is None and isinstance(check, types.FunctionType) else None)
@@ -435,8 +451,9 @@ def sandbox_worker() -> None:
                     steps.append(t)
                     k += 1
             completed.append(steps)
-        send({"completed": completed, "errors": len(errors), "messages": errors[:5], "failed": failed,
-              "passed": passed})
+        send(
+            {"completed": completed, "errors": len(errors), "messages": errors[:5], "failed": failed, "passed": passed}
+        )
 
 
 WORKER_SOURCE = f"{inspect.getsource(sandbox_worker)}\nsandbox_worker()\n"  # read once, at import
@@ -469,8 +486,14 @@ class Sandbox:
     installed the worker refuses to load the programs (ConfinementUnavailable) unless `os_layer` is "prefer" (the risk
     accepted: the OS layer where it can be installed); "off" leaves it out (to measure its cost, and in the tests)."""
 
-    def __init__(self, programs: Sequence[str], time_limit: float = 0.1, memory_mb: int = 1024,
-                 os_layer: Literal["require", "prefer", "off"] = "require", max_failures: int = 10):
+    def __init__(
+        self,
+        programs: Sequence[str],
+        time_limit: float = 0.1,
+        memory_mb: int = 1024,
+        os_layer: Literal["require", "prefer", "off"] = "require",
+        max_failures: int = 10,
+    ):
         self.programs, self.time_limit, self.memory_mb = list(programs), time_limit, memory_mb
         self.os_layer, self.max_failures = os_layer, max_failures
         self.errors, self.restarts, self.messages = 0, 0, []
@@ -503,18 +526,33 @@ class Sandbox:
         self.slot_map = mmap.mmap(self.slot.fileno(), 8)
         self.process = subprocess.Popen(
             [sys.executable, "-I", "-c", WORKER_SOURCE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir,
-            env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=self.workdir,
+            env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+            start_new_session=True,
             pass_fds=(self.slot.fileno(),),
         )
         try:  # room for a whole batch of frames in the pipe, so that `submit` returns without waiting for the worker
             fcntl.fcntl(self.process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except (AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size: the default works, with waits
+        except (
+            AttributeError,
+            OSError,
+        ):  # not Linux, or above /proc/sys/fs/pipe-max-size: the default works, with waits
             pass
         os.set_blocking(self.process.stdin.fileno(), False)  # `_send` waits on a deadline, not on the worker
-        config = {"numpy": NUMPY_API, "math": MATH_API, "builtins": SAFE_BUILTINS, "syscalls": WORKER_SYSCALLS,
-                  "time_limit": self.time_limit, "memory_bytes": self.memory_mb << 20, "parent": os.getpid(),
-                  "slot_fd": self.slot.fileno(), "os_layer": self.os_layer}
+        config = {
+            "numpy": NUMPY_API,
+            "math": MATH_API,
+            "builtins": SAFE_BUILTINS,
+            "syscalls": WORKER_SYSCALLS,
+            "time_limit": self.time_limit,
+            "memory_bytes": self.memory_mb << 20,
+            "parent": os.getpid(),
+            "slot_fd": self.slot.fileno(),
+            "os_layer": self.os_layer,
+        }
         programs = [NEVER_DONE if k in self.unloadable else program for k, program in enumerate(self.programs)]
         deadline = time.monotonic() + SETUP_SECONDS + self.time_limit * len(self.programs)
         failed = self._send((config, programs), deadline)
@@ -539,7 +577,7 @@ class Sandbox:
             if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
                 return "it did not read its request in time"
             try:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             except BlockingIOError:  # the pipe filled between select and write
                 continue
             except OSError as error:
@@ -562,7 +600,8 @@ class Sandbox:
             reply += chunk
         text = np.frombuffer(reply, dtype=np.uint8, offset=8)
         depth = np.cumsum((text == ord("[")) | (text == ord("{")), dtype=np.int64) - np.cumsum(
-            (text == ord("]")) | (text == ord("}")), dtype=np.int64)
+            (text == ord("]")) | (text == ord("}")), dtype=np.int64
+        )
         if len(text) > MAX_REPLY_BYTES or (len(depth) and depth.max() > MAX_REPLY_DEPTH):
             raise WorkerFailure("its answer is too long or too deep")
         try:
@@ -614,19 +653,29 @@ class Sandbox:
                 raise WorkerFailure(self.send_failure)
             answer = self._receive(self.deadline)
             completed, failed, passed = answer.get("completed"), answer.get("failed"), answer.get("passed")
-            if not (isinstance(completed, list) and len(completed) == len(starts) and all(
-                isinstance(steps, list) and len(steps) <= n - start
-                and all(isinstance(t, int) and 0 <= t < length for t in steps)
-                for steps, start, length in zip(completed, starts, lengths)
-            ) and all(isinstance(counts, list) and len(counts) == n and all(type(c) is int and c >= 0 for c in counts)
-                      for counts in (failed, passed))):
+            if not (
+                isinstance(completed, list)
+                and len(completed) == len(starts)
+                and all(
+                    isinstance(steps, list)
+                    and len(steps) <= n - start
+                    and all(isinstance(t, int) and 0 <= t < length for t in steps)
+                    for steps, start, length in zip(completed, starts, lengths)
+                )
+                and all(
+                    isinstance(counts, list) and len(counts) == n and all(type(c) is int and c >= 0 for c in counts)
+                    for counts in (failed, passed)
+                )
+            ):
                 raise WorkerFailure("its answer does not fit the request")
         except WorkerFailure as error:
             running = struct.unpack("<q", self.slot_map[:8])[0]
             self.errors += 1
             self.restarts += 1
-            self._note(f"worker killed and restarted: {error}" + (f" (sub-task {running}'s program was running)"
-                                                                   if 1 <= running <= n else ""))
+            self._note(
+                f"worker killed and restarted: {error}"
+                + (f" (sub-task {running}'s program was running)" if 1 <= running <= n else "")
+            )
             if 1 <= running <= n:
                 self._failed(running - 1, 1)
             self._stop()
@@ -670,16 +719,22 @@ def confinement_problem() -> str | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # The accepted programs on disk: runs/<run_name>/reward_programs, read back by --reward-programs
 # ---------------------------------------------------------------------------------------------------------------------
-def save_programs(path: str | Path, env_id: str, checker_input: str, tile_size: int, subtasks: Sequence[str],
-                  programs: Sequence[str]) -> None:
+def save_programs(
+    path: str | Path, env_id: str, checker_input: str, tile_size: int, subtasks: Sequence[str], programs: Sequence[str]
+) -> None:
     """Write the programs (subtask_1.py, ...) and programs.json, which `load_programs` reads back."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     files = [f"subtask_{k + 1}.py" for k in range(len(programs))]
     for k, (subtask, program, name) in enumerate(zip(subtasks, programs, files)):
         (path / name).write_text(f"# sub-task {k + 1}: {subtask}\n{program}")
-    manifest = {"env_id": env_id, "checker_input": checker_input, "tile_size": tile_size,
-                "subtasks": list(subtasks), "files": files}
+    manifest = {
+        "env_id": env_id,
+        "checker_input": checker_input,
+        "tile_size": tile_size,
+        "subtasks": list(subtasks),
+        "files": files,
+    }
     (path / "programs.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -717,13 +772,17 @@ def load_programs(path: str, env_id: str, checker_input: str, tile_size: int) ->
             raise ValueError(f"programs.json names {len(files)} files, more than {MAX_FOLDER_PROGRAMS}")
         codes = [read_small_file(Path(path) / name, 4 * MAX_PROGRAM_CHARS) for name in files]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-        raise SystemExit(f"--reward-programs {path} is not a folder of reward programs ({type(error).__name__}: "
-                         f"{str(error)[:200]}); pass a runs/<run_name>/reward_programs folder.") from None
+        raise SystemExit(
+            f"--reward-programs {path} is not a folder of reward programs ({type(error).__name__}: "
+            f"{str(error)[:200]}); pass a runs/<run_name>/reward_programs folder."
+        ) from None
     for flag, value in (("env_id", env_id), ("checker_input", checker_input), ("tile_size", tile_size)):
         if manifest.get(flag) != value and not (flag == "tile_size" and checker_input == "state"):
             name = "--" + flag.replace("_", "-")
-            raise SystemExit(f"--reward-programs {path} was written for {name} {manifest.get(flag)}, not {value}: "
-                             f"pass {name} {manifest.get(flag)}.")
+            raise SystemExit(
+                f"--reward-programs {path} was written for {name} {manifest.get(flag)}, not {value}: "
+                f"pass {name} {manifest.get(flag)}."
+            )
     if not subtasks or len(subtasks) != len(files):
         raise SystemExit(f"--reward-programs {path} lists {len(subtasks)} sub-tasks and {len(files)} files.")
     programs = []

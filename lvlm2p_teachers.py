@@ -7,6 +7,7 @@ it passes in the prompts, the parser of the replies and the rule that turns like
 does the rest (the cache, the KL term of eq. 1). This file loads models, formats chats and talks HTTP; it never
 imports the script. Only ppo_lvlm2p_distill.py uses it.
 """
+
 import base64
 import io
 import json
@@ -31,8 +32,9 @@ from PIL import Image
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm"
 # printed when the fallback is used
-FALLBACK_MODEL_NOTE = ("a tiny model with RANDOM weights: this run checks the pipeline,\n"
-                       "its numbers say nothing about the paper.")
+FALLBACK_MODEL_NOTE = (
+    "a tiny model with RANDOM weights: this run checks the pipeline,\nits numbers say nothing about the paper."
+)
 
 
 class Frame(NamedTuple):
@@ -102,15 +104,22 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
-            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
-                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or name a local model directory.")
+            raise SystemExit(
+                f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                "or name a local model directory."
+            )
         bar = "!" * 100
-        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
+        print(
+            f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+            f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}",
+            file=sys.stderr,
+        )
         return str(FALLBACK_MODEL_DIR), True
-    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
-                     "check the id, download the model first, or pass a local directory.")
+    raise SystemExit(
+        f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+        "check the id, download the model first, or pass a local directory."
+    )
 
 
 def load_teacher_model(model_id: str, device: torch.device) -> tuple[nn.Module, object]:
@@ -133,11 +142,14 @@ def load_teacher_model(model_id: str, device: torch.device) -> tuple[nn.Module, 
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SystemExit(f"cannot load teacher model {model_id!r} ({reason}).") from None
     if config.model_type == "idefics" or config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise SystemExit(f"teacher model {model_id!r} ({config.model_type}) is not a vision-language model with a chat "
-                         "template: use e.g. SmolVLM, Idefics3, LLaVA or Qwen2-VL.")
+        raise SystemExit(
+            f"teacher model {model_id!r} ({config.model_type}) is not a vision-language model with a chat "
+            "template: use e.g. SmolVLM, Idefics3, LLaVA or Qwen2-VL."
+        )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map={"": device},
-                                                        local_files_only=offline).eval()
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, dtype=dtype, device_map={"": device}, local_files_only=offline
+    ).eval()
     processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -148,9 +160,13 @@ def load_teacher_model(model_id: str, device: torch.device) -> tuple[nn.Module, 
 
 def chat_prompt(processor: object, turns: Sequence[str]) -> str:
     """The dialogue in the model's chat format: the image with the first user turn, turns alternating user/assistant."""
-    messages = [{"role": "user" if i % 2 == 0 else "assistant",
-                 "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": turn}]}
-                for i, turn in enumerate(turns)]
+    messages = [
+        {
+            "role": "user" if i % 2 == 0 else "assistant",
+            "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": turn}],
+        }
+        for i, turn in enumerate(turns)
+    ]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -158,26 +174,42 @@ class HFTeacher:
     """A local VLM asked in two stages, a batch of frames at a time: `prompts(mission)` gives the two questions,
     `parse(reply)` the distribution in the second reply (or None)."""
 
-    def __init__(self, model: nn.Module, processor: object, prompts: Callable[[str], tuple[str, str]],
-                 parse: Callable[[str], np.ndarray | None], max_new_tokens: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: object,
+        prompts: Callable[[str], tuple[str, str]],
+        parse: Callable[[str], np.ndarray | None],
+        max_new_tokens: int,
+    ):
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         self.prompts, self.parse = prompts, parse
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence[np.ndarray]) -> list[str]:
         """Greedy replies to a batch of chat prompts, each with its image."""
-        enc = self.processor(text=list(prompts), images=[[image] for image in images], padding=True,
-                             padding_side="left", return_tensors="pt").to(self.model.device)
+        enc = self.processor(
+            text=list(prompts),
+            images=[[image] for image in images],
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        ).to(self.model.device)
         out = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens)
-        return self.processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
         """One distribution per frame (None where a generated reply holds none)."""
         images = [f.image for f in frames]
         stages = [self.prompts(f.mission) for f in frames]
         scenes = self.generate([chat_prompt(self.processor, [scene]) for scene, _ in stages], images)
-        replies = self.generate([chat_prompt(self.processor, [scene, described, question])
-                                 for (scene, question), described in zip(stages, scenes)], images)
+        replies = self.generate(
+            [
+                chat_prompt(self.processor, [scene, described, question])
+                for (scene, question), described in zip(stages, scenes)
+            ],
+            images,
+        )
         return [self.parse(reply) for reply in replies]
 
 
@@ -185,29 +217,42 @@ class HFLikelihoodTeacher:
     """A local VLM that scores instead of answering: `prompts(mission)` gives the state prompt and one continuation
     per action, `probs(scores)` the distribution from their mean token log-likelihoods; one forward per frame."""
 
-    def __init__(self, model: nn.Module, processor: object, prompts: Callable[[str], tuple[str, Sequence[str]]],
-                 probs: Callable[[torch.Tensor], np.ndarray]):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: object,
+        prompts: Callable[[str], tuple[str, Sequence[str]]],
+        probs: Callable[[torch.Tensor], np.ndarray],
+    ):
         self.model, self.processor, self.prompts, self.probs = model, processor, prompts, probs
 
     @torch.no_grad()
     def action_log_likelihoods(self, state_prompt: str, action_texts: Sequence[str], image: np.ndarray) -> torch.Tensor:
         """[A] mean token log-likelihood of each action text after the state prompt and the image, in one forward."""
         tokenizer = self.processor.tokenizer
-        enc = self.processor(text=[chat_prompt(self.processor, [state_prompt])], images=[[image]],
-                             return_tensors="pt").to(self.model.device)
+        enc = self.processor(
+            text=[chat_prompt(self.processor, [state_prompt])], images=[[image]], return_tensors="pt"
+        ).to(self.model.device)
         prompt_ids = enc["input_ids"][0].tolist()
         action_ids = tokenizer(list(action_texts), add_special_tokens=False)["input_ids"]
         length = len(prompt_ids) + max(len(ids) for ids in action_ids)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([prompt_ids + ids + [pad] * (length - len(prompt_ids) - len(ids)) for ids in action_ids],
-                                 device=self.model.device)
-        mask = torch.tensor([[1] * (len(prompt_ids) + len(ids)) + [0] * (length - len(prompt_ids) - len(ids))
-                             for ids in action_ids], device=self.model.device)
-        pixels = {k: v.repeat(len(action_ids), *[1] * (v.dim() - 1)) for k, v in enc.items()
-                  if k not in ("input_ids", "attention_mask")}
+        input_ids = torch.tensor(
+            [prompt_ids + ids + [pad] * (length - len(prompt_ids) - len(ids)) for ids in action_ids],
+            device=self.model.device,
+        )
+        mask = torch.tensor(
+            [[1] * (len(prompt_ids) + len(ids)) + [0] * (length - len(prompt_ids) - len(ids)) for ids in action_ids],
+            device=self.model.device,
+        )
+        pixels = {
+            k: v.repeat(len(action_ids), *[1] * (v.dim() - 1))
+            for k, v in enc.items()
+            if k not in ("input_ids", "attention_mask")
+        }
         logits = self.model(input_ids=input_ids, attention_mask=mask, **pixels).logits.float()
         start = len(prompt_ids)
-        logprobs = logits[:, start - 1:-1].log_softmax(-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)
+        logprobs = logits[:, start - 1 : -1].log_softmax(-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)
         action_mask = mask[:, start:].float()
         return (logprobs * action_mask).sum(-1) / action_mask.sum(-1)  # eq. 1 of Idefics-Agent: the mean
 
@@ -228,17 +273,29 @@ class OpenAITeacher:
     questions of `prompts(mission)` as a two-turn chat with the frame as an image, `parse(reply)` the distribution in
     the second reply; each failed request retried with exponential backoff."""
 
-    def __init__(self, model: str, base_url: str, api_key: str | None, prompts: Callable[[str], tuple[str, str]],
-                 parse: Callable[[str], np.ndarray | None], max_new_tokens: int, timeout: float, retries: int,
-                 backoff: float, concurrency: int):
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key: str | None,
+        prompts: Callable[[str], tuple[str, str]],
+        parse: Callable[[str], np.ndarray | None],
+        max_new_tokens: int,
+        timeout: float,
+        retries: int,
+        backoff: float,
+        concurrency: int,
+    ):
         self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
         self.prompts, self.parse, self.max_new_tokens = prompts, parse, max_new_tokens
         self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
 
     def complete(self, messages: list[dict]) -> str:
-        """The assistant's reply to `messages`, retrying errors and timeouts; TeacherUnavailable after the last retry."""
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
-                           "temperature": 0}).encode()
+        """The assistant's reply to `messages`, retrying errors and timeouts; TeacherUnavailable after the last
+        retry."""
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens, "temperature": 0}
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -256,11 +313,17 @@ class OpenAITeacher:
     def query(self, frame: Frame) -> np.ndarray | None:
         """One frame through the two stages."""
         scene, question = self.prompts(frame.mission)
-        first = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(frame.image)}},
-                                             {"type": "text", "text": scene}]}
+        first = {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url(frame.image)}},
+                {"type": "text", "text": scene},
+            ],
+        }
         described = self.complete([first])
-        reply = self.complete([first, {"role": "assistant", "content": described},
-                               {"role": "user", "content": question}])
+        reply = self.complete(
+            [first, {"role": "assistant", "content": described}, {"role": "user", "content": question}]
+        )
         return self.parse(reply)
 
     def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:

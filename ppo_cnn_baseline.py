@@ -60,7 +60,8 @@ class Args:
     env_id: str = "FrozenLake8x8"
     """the id of the environment: a text_envs short id or a full MiniGrid-*/BabyAI-* id"""
     obs: Literal["image", "state"] = "image"
-    """what the agent sees: the VLM's image, downscaled (a CNN), or the symbolic state (a CNN for grids, an MLP for vectors)"""
+    """what the agent sees: the VLM's image, downscaled (a CNN), or the symbolic state (a CNN for grids, an MLP for
+    vectors)"""
     image_size: int = 64
     """pixels of the longer side of the image observation (and of the videos)"""
     action_set: Literal["primitive", "macro"] = "primitive"
@@ -119,7 +120,9 @@ def make_env(
             env_id, seed=seed, image_size=image_size, with_image=obs == "image", action_set=action_set
         )
         if capture_video and idx == 0:
-            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", gc_trigger=None)  # None: picklable, for checkpoints
+            env = gym.wrappers.RecordVideo(
+                env, f"videos/{run_name}", gc_trigger=None
+            )  # None: picklable, for checkpoints
         env = gym.wrappers.RecordEpisodeStatistics(env)
         # the descriptions and missions are for the VLM scripts; this agent sees one array
         return gym.wrappers.TransformObservation(env, operator.itemgetter(obs), env.observation_space[obs])
@@ -261,11 +264,11 @@ def check_args(args: Args) -> None:
         )
     except ValueError as error:
         if args.env_id in text_envs.SHORT_IDS or args.env_id in gym.registry:
-            raise SystemExit(str(error))  # a known id with a flag it does not take (e.g. macro actions)
+            raise SystemExit(str(error)) from None  # a known id with a flag it does not take (e.g. macro actions)
         raise SystemExit(
             f"Unknown --env-id {args.env_id!r}: use one of {', '.join(text_envs.SHORT_IDS)}, "
             "or a full MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-5x5-v0."
-        )
+        ) from None
     shape = env.observation_space[args.obs].shape
     env.close()
     if args.obs == "image" and min(shape[:2]) < MIN_IMAGE_SIDE:
@@ -289,7 +292,7 @@ def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, An
         # weights_only=False: a checkpoint holds the pickled envs and RNG states; load only your own files
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:  # any reason the file cannot be unpickled: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
         raise SystemExit(
@@ -319,9 +322,7 @@ def load_agent(model_path: str, device: torch.device) -> tuple[Agent, Args]:
     return agent, saved_args
 
 
-def evaluate(
-    model_path: str, eval_episodes: int, greedy: bool, device: torch.device
-) -> tuple[list[float], list[bool]]:
+def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.device) -> tuple[list[float], list[bool]]:
     """Episodic returns and successes of the saved agent, split evenly over its training envs.
 
     FrozenLake keeps the training maps (they come from each env's seed); MiniGrid layouts are drawn from
@@ -357,12 +358,14 @@ if __name__ == "__main__":
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
     if args.track:
         try:
             import wandb
         except ImportError:
-            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
+            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.") from None
 
         wandb.init(
             project=args.wandb_project_name,
@@ -377,7 +380,7 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     writer.add_text(
         "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
 
     # TRY NOT TO MODIFY: seeding
@@ -561,9 +564,7 @@ if __name__ == "__main__":
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
         else:
             report = "no episode ended"
-        print(
-            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True
-        )
+        print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True)
 
         if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             save_checkpoint(

@@ -160,7 +160,8 @@ class Args:
 
 
 def make_env(env_id: str, seed: int, teacher_image_size: int, action_set: str) -> Callable[[], gym.Env]:
-    """A thunk building one text_envs env: obs["state"] for the student, obs["image"] and obs["mission"] for the teacher."""
+    """A thunk building one text_envs env: obs["state"] for the student, obs["image"] and obs["mission"] for the
+    teacher."""
 
     def thunk() -> gym.Env:
         env = text_envs.make_env(env_id, seed=seed, image_size=teacher_image_size, action_set=action_set)
@@ -172,10 +173,7 @@ def make_env(env_id: str, seed: int, teacher_image_size: int, action_set: str) -
 def make_envs(args: Args) -> gym.vector.SyncVectorEnv:
     """The training vector env; SAME_STEP autoreset puts each episode's last observation in infos["final_obs"]."""
     return gym.vector.SyncVectorEnv(
-        [
-            make_env(args.env_id, args.seed + i, args.teacher_image_size, args.action_set)
-            for i in range(args.num_envs)
-        ],
+        [make_env(args.env_id, args.seed + i, args.teacher_image_size, args.action_set) for i in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
 
@@ -276,12 +274,16 @@ def compute_gae(
 
 
 # Fig. 2's two stages: first the scene (agent position and orientation, the target), then one probability per action
-SCENE_PROMPT = ("This is a game seen from above. Your mission: {mission}. Describe the scene: the row and "
-                "column of the agent (counting from the top left), the direction it faces, and where the target of "
-                "the mission is.")
-ACTION_PROMPT = ("{examples}The possible actions, in this order, are: {actions}. Give the probability of each action "
-                 "being the best next action for the mission. On the last line, reply with a single list of "
-                 "{n} numbers that sum to 1, like {example}.")
+SCENE_PROMPT = (
+    "This is a game seen from above. Your mission: {mission}. Describe the scene: the row and "
+    "column of the agent (counting from the top left), the direction it faces, and where the target of "
+    "the mission is."
+)
+ACTION_PROMPT = (
+    "{examples}The possible actions, in this order, are: {actions}. Give the probability of each action "
+    "being the best next action for the mission. On the last line, reply with a single list of "
+    "{n} numbers that sum to 1, like {example}."
+)
 
 
 def action_list_example(n_actions: int) -> str:
@@ -304,7 +306,9 @@ def read_examples(path: str | None) -> str:
     try:
         return Path(path).read_text().strip() + "\n\n"
     except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file.")
+        raise SystemExit(
+            f"Cannot read --teacher-fewshot {path} ({type(error).__name__}): pass a readable text file."
+        ) from None
 
 
 NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
@@ -312,7 +316,8 @@ LIST_OF_NUMBERS = re.compile(rf"\[\s*({NUMBER}(?:\s*,\s*{NUMBER})*)\s*,?\s*\]")
 
 
 def parse_teacher_probs(text: str, n_actions: int) -> np.ndarray | None:
-    """The last list of exactly `n_actions` non-negative numbers in `text`, normalised to sum 1; None if there is none."""
+    """The last list of exactly `n_actions` non-negative numbers in `text`, normalised to sum 1; None if there is
+    none."""
     # p_teacher of eq. 1: the teacher's own numbers, only normalised
     for match in reversed(list(LIST_OF_NUMBERS.finditer(text))):
         numbers = np.array([float(x) for x in match.group(1).split(",")])
@@ -354,9 +359,18 @@ def build_teacher(args: Args, action_names: Sequence[str], device: torch.device)
     prompts = functools.partial(stage_prompts, action_names=action_names, examples=examples)
     parse = functools.partial(parse_teacher_probs, n_actions=len(action_names))
     if kind == "openai":
-        return OpenAITeacher(name, args.teacher_base_url, os.environ.get(args.teacher_api_key_env), prompts, parse,
-                             args.teacher_max_new_tokens, args.teacher_timeout, args.teacher_retries,
-                             args.teacher_backoff, args.teacher_batch_size)
+        return OpenAITeacher(
+            name,
+            args.teacher_base_url,
+            os.environ.get(args.teacher_api_key_env),
+            prompts,
+            parse,
+            args.teacher_max_new_tokens,
+            args.teacher_timeout,
+            args.teacher_retries,
+            args.teacher_backoff,
+            args.teacher_batch_size,
+        )
     model, processor = load_teacher_model(name, device)
     if args.teacher_mode == "likelihood":
         scoring = functools.partial(likelihood_prompts, action_names=action_names)
@@ -400,7 +414,7 @@ def label_frames(
     todo = list(first.values())
     parse_failures = server_failures = 0
     for b in range(0, len(todo), batch_size):
-        batch = todo[b:b + batch_size]
+        batch = todo[b : b + batch_size]
         try:
             replies = teacher([frames[i] for i in batch])
         except TeacherUnavailable as error:
@@ -450,29 +464,38 @@ def check_args(args: Args) -> list[str]:
         env = text_envs.make_env(args.env_id, image_size=args.teacher_image_size, action_set=args.action_set)
     except ValueError as error:
         if args.env_id in text_envs.SHORT_IDS or args.env_id in gym.registry:
-            raise SystemExit(str(error))  # a known id with a flag it does not take (e.g. macro actions)
+            raise SystemExit(str(error)) from None  # a known id with a flag it does not take (e.g. macro actions)
         raise SystemExit(
             f"Unknown --env-id {args.env_id!r}: use one of {', '.join(text_envs.SHORT_IDS)}, "
             "or a full MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-5x5-v0."
-        )
+        ) from None
     action_names = list(env.get_wrapper_attr("action_names"))
     env.close()
     kind = teacher_kind(args.teacher)
     if kind is None:
-        raise SystemExit(f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> "
-                         "or expert.")
+        raise SystemExit(
+            f"--teacher {args.teacher!r} is not a teacher: use hf:<hub id or directory>, openai:<model> or expert."
+        )
     if kind == "openai" and not args.teacher_base_url:
-        raise SystemExit(f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
+        raise SystemExit(
+            f"--teacher {args.teacher} needs --teacher-base-url, the server's OpenAI-compatible address "
+            "(e.g. http://localhost:8000/v1)."
+        )
     if kind == "openai" and args.teacher_mode == "likelihood":
-        raise SystemExit("--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
-                         "return: use an hf: teacher, or --teacher-mode generate.")
+        raise SystemExit(
+            "--teacher-mode likelihood needs the model's log-likelihoods, which a chat server does not "
+            "return: use an hf: teacher, or --teacher-mode generate."
+        )
     if not 0.0 <= args.teacher_noise <= 1.0 or args.teacher_temperature <= 0:
-        raise SystemExit(f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
-                         "the noise is a probability (0 to 1) and the temperature must be positive.")
+        raise SystemExit(
+            f"--teacher-noise {args.teacher_noise} and --teacher-temperature {args.teacher_temperature}: "
+            "the noise is a probability (0 to 1) and the temperature must be positive."
+        )
     if args.distill_coef < 0:
-        raise SystemExit(f"--distill-coef {args.distill_coef} is negative: lambda weighs the KL term, use 0 (the RL "
-                         "loss alone) or more.")
+        raise SystemExit(
+            f"--distill-coef {args.distill_coef} is negative: lambda weighs the KL term, use 0 (the RL "
+            "loss alone) or more."
+        )
     read_examples(args.teacher_fewshot)  # unreadable examples are bad input even where lambda = 0 builds no teacher
     return action_names
 
@@ -489,7 +512,7 @@ def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, An
         # weights_only=False: a checkpoint holds the pickled envs and RNG states; load only your own files
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:  # any reason the file cannot be unpickled: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
         raise SystemExit(
@@ -519,9 +542,7 @@ def load_agent(model_path: str, device: torch.device) -> tuple[Agent, Args]:
     return agent, saved_args
 
 
-def evaluate(
-    model_path: str, eval_episodes: int, greedy: bool, device: torch.device
-) -> tuple[list[float], list[bool]]:
+def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.device) -> tuple[list[float], list[bool]]:
     """Episodic returns and successes of the saved student (no teacher), split evenly over its training envs.
 
     FrozenLake keeps the training maps (they come from each env's seed); MiniGrid layouts are drawn from
@@ -562,12 +583,14 @@ if __name__ == "__main__":
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
     # built before runs/ exists: a model that cannot load is bad input; lambda = 0 (RL alone) needs no teacher
     teacher = build_teacher(args, action_names, device) if args.distill_coef > 0 else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
     if args.track:
         try:
             import wandb
         except ImportError:
-            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
+            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.") from None
 
         wandb.init(
             project=args.wandb_project_name,
@@ -582,7 +605,7 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     writer.add_text(
         "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
     if args.teacher == "expert":
         writer.add_text("teacher", "scripted teacher (text_envs.expert_action), not a VLM")
@@ -633,8 +656,13 @@ if __name__ == "__main__":
         images, missions = observation["image"], observation["mission"]
         keys = [frame_key(images[i], missions[i]) for i in range(args.num_envs)]
         ask = [use_expert and (key not in cache or args.teacher_query_mode == "minibatch") for key in keys]
-        return ([Frame(images[i], missions[i], text_envs.expert_action(envs.envs[i]) if ask[i] else -1)
-                 for i in range(args.num_envs)], keys)
+        return (
+            [
+                Frame(images[i], missions[i], text_envs.expert_action(envs.envs[i]) if ask[i] else -1)
+                for i in range(args.num_envs)
+            ],
+            keys,
+        )
 
     # TRY NOT TO MODIFY: start the game
     if checkpoint:

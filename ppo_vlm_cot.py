@@ -50,8 +50,14 @@ from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, GenerationConfig
-from transformers import PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 import text_envs
@@ -61,12 +67,16 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on NumberLine): a stand-in when the Hub is out of reach
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-cot"
 # printed when the fallback is used
-FALLBACK_MODEL_NOTE = ("a small VLM taught offline on NumberLine,\n"
-                       "NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.")
+FALLBACK_MODEL_NOTE = (
+    "a small VLM taught offline on NumberLine,\n"
+    "NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM."
+)
 # Every linear layer of the language model (attention and MLP), not the vision tower, connector or lm_head:
 # SmolVLM / Idefics3 `text_model`, LLaVA / LLaVA-NeXT / Qwen2-VL `language_model`, others `model`.
-LANGUAGE_MODEL_LINEAR = (r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\."
-                         r"(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj")
+LANGUAGE_MODEL_LINEAR = (
+    r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\."
+    r"(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj"
+)
 # flags that fix the envs and the network: a checkpoint resumes only with the same values
 ENV_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")
 END_LEARNING_RATE = 1e-9  # the authors' --end-lr of the cosine schedule
@@ -105,7 +115,8 @@ class Args:
     it)"""
 
     sample_every: int = 1
-    """every N iterations, log the last rollout step's prompts, outputs, actions and rewards (tensorboard text, samples.jsonl); 0: never"""
+    """every N iterations, log the last rollout step's prompts, outputs, actions and rewards (tensorboard text,
+    samples.jsonl); 0: never"""
 
     # Model
     model_id: str = DEFAULT_MODEL_ID
@@ -176,8 +187,9 @@ def make_env(env_id: str, seed: int) -> Callable[[], gym.Env]:
 def make_envs(env_id: str, seeds: Sequence[int]) -> gym.vector.SyncVectorEnv:
     """Vector env that resets an env in the step that ends its episode, handing the final observation in `info`."""
     try:
-        return gym.vector.SyncVectorEnv([make_env(env_id, s) for s in seeds],
-                                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        return gym.vector.SyncVectorEnv(
+            [make_env(env_id, s) for s in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
     except ValueError as err:
         raise SystemExit(str(err)) from None
 
@@ -221,15 +233,22 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
-            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
-                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or name a local model directory.")
+            raise SystemExit(
+                f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                "or name a local model directory."
+            )
         bar = "!" * 100
-        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
+        print(
+            f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+            f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}",
+            file=sys.stderr,
+        )
         return str(FALLBACK_MODEL_DIR), True
-    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
-                     "check the id, download the model first, or pass a local directory.")
+    raise SystemExit(
+        f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+        "check the id, download the model first, or pass a local directory."
+    )
 
 
 def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object]:
@@ -241,15 +260,28 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SystemExit(f"cannot load model {model_id!r} ({reason}).") from None
     if config.model_type == "idefics":
-        raise SystemExit(f"{model_id!r} is Idefics (v1), whose gated cross-attention to images this script does not "
-                         "implement: use its successors Idefics2 / Idefics3 / SmolVLM, or LLaVA or Qwen2-VL.")
+        raise SystemExit(
+            f"{model_id!r} is Idefics (v1), whose gated cross-attention to images this script does not "
+            "implement: use its successors Idefics2 / Idefics3 / SmolVLM, or LLaVA or Qwen2-VL."
+        )
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise SystemExit(f"model {model_id!r} ({config.model_type}) is not a vision-language model: RL4VLM needs the image.")
+        raise SystemExit(
+            f"model {model_id!r} ({config.model_type}) is not a vision-language model: RL4VLM needs the image."
+        )
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=compute_dtype) if load_in_4bit else None
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=compute_dtype, quantization_config=quantization,
-                                                        device_map={"": device}, local_files_only=offline)
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        if load_in_4bit
+        else None
+    )
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, dtype=compute_dtype, quantization_config=quantization, device_map={"": device}, local_files_only=offline
+    )
     for layer in (m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")):  # bitsandbytes' 4-bit:
         layer.support_avx512bf16_for_cpu = False  # its CPU repacking re-rounds the frozen scales at every checkpoint
     processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
@@ -285,51 +317,69 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) ->
     try:
         with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 the deprecated question
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-            return get_peft_model(model,
-                                  LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
+            return get_peft_model(
+                model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules)
+            )
     except ValueError as err:
         raise SystemExit(f"--lora-target-modules matches no module of this model ({err}).".replace("\n", " ")) from None
 
 
-def task_prompt(env_id: str, action_names: Sequence[str], mission: str, description: str, formula: str,
-                cot: bool = True) -> str:
+def task_prompt(
+    env_id: str, action_names: Sequence[str], mission: str, description: str, formula: str, cot: bool = True
+) -> str:
     """The prompt v_in: the paper's for a GymCards env, else one from the mission, description and action words."""
     thoughts = '"thoughts": "{first describe what you see, then think carefully about which action to choose}", \n'
     action = '"action": "{one of the actions}" \n}'
     if env_id == "NumberLine":  # the authors' prompts, their stray backslashes and typos removed
-        text = ("You are playing a game called number line. You will see a target number and a current number in the "
-                "image. And your goal is to move the current number closer to the target by choosing either adding or "
-                "subtracting one to the current number. ")
-        thoughts = ('"current number": "x", \n"target number": "x", \n"thoughts": "{first read out the current and '
-                    'target number, then think carefully about which action to choose}", \n')
+        text = (
+            "You are playing a game called number line. You will see a target number and a current number in the "
+            "image. And your goal is to move the current number closer to the target by choosing either adding or "
+            "subtracting one to the current number. "
+        )
+        thoughts = (
+            '"current number": "x", \n"target number": "x", \n"thoughts": "{first read out the current and '
+            'target number, then think carefully about which action to choose}", \n'
+        )
         action = '"action": "-" or "+" \n}'
     elif env_id == "Blackjack":
-        text = f"You are a blackjack player. You are observing the current game state, you can choose between {list(action_names)}. "
-        thoughts = ('"thoughts": "{first describe your total points and the dealer\'s total points then think about '
-                    'which action to choose}", \n')
+        text = (
+            "You are a blackjack player. You are observing the current game state, you can choose between "
+            f"{list(action_names)}. "
+        )
+        thoughts = (
+            '"thoughts": "{first describe your total points and the dealer\'s total points then think about '
+            'which action to choose}", \n'
+        )
         action = '"action": "stand" or "hit" \n}'
     elif env_id in ("EZPoints", "Points24"):
         ez = env_id == "EZPoints"
         target, check = (12, "the current formula 'z' is complete") if ez else (24, "the current formula equals 24")
-        text = (f"You are an expert {'card' if ez else '24 points card'} game player. You are observing "
-                f"{'two' if ez else 'the four'} cards in the image. You are observing the current formula: {formula}. You "
-                f"can choose between {list(action_names)}. The number or operator you choose will be appended to the current "
-                "formula. Note that 'J', 'Q', and 'K' count as '10'. Your goal is to output a formula that evaluates to "
-                f"{target}, and each number can only be used once. ")
-        thoughts = (f'"cards": [{"x, y" if ez else "x, y, z, w"}], \n"current formula": {formula}, \n"thoughts": {{First '
-                    f"check whether {check}. If {check}, output '='. Otherwise consider which number or operator should be "
-                    f'appended to the current formula to make it equal {target}.}} \n')
+        text = (
+            f"You are an expert {'card' if ez else '24 points card'} game player. You are observing "
+            f"{'two' if ez else 'the four'} cards in the image. You are observing the current formula: {formula}. You "
+            f"can choose between {list(action_names)}. The number or operator you choose will be appended to the "
+            "current formula. Note that 'J', 'Q', and 'K' count as '10'. Your goal is to output a formula that "
+            f"evaluates to {target}, and each number can only be used once. "
+        )
+        thoughts = (
+            f'"cards": [{"x, y" if ez else "x, y, z, w"}], \n"current formula": {formula}, \n"thoughts": {{First '
+            f"check whether {check}. If {check}, output '='. Otherwise consider which number or operator should be "
+            f"appended to the current formula to make it equal {target}.}} \n"
+        )
         action = '"action": "{number}" or "{operator}" \n}'
     else:
-        text = (f"You are playing a game. Your goal: {mission}. {description} You can choose between "
-                f"{list(action_names)}. ")
+        text = (
+            f"You are playing a game. Your goal: {mission}. {description} You can choose between {list(action_names)}. "
+        )
     return text + JSON_FORMAT + (thoughts if cot else "") + action
 
 
 def chat_prompt(processor: object, text: str) -> str:
     """The prompt in the model's chat format: the image, then the text."""
     content = [{"type": "image"}, {"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def last_action_key(text: str) -> re.Match | None:
@@ -353,14 +403,19 @@ def env_actions(texts: Sequence[str], action_names: list[str]) -> tuple[torch.Te
     """Env actions parsed from the outputs, a uniformly random legal one where none parses (eq. 1); and which parsed."""
     parsed = [parse_action(text, action_names) for text in texts]
     random_actions = torch.randint(len(action_names), (len(parsed),))
-    return torch.tensor([int(r) if a is None else a for a, r in zip(parsed, random_actions)]), np.array([a is not None for a in parsed])
+    return torch.tensor([int(r) if a is None else a for a, r in zip(parsed, random_actions)]), np.array(
+        [a is not None for a in parsed]
+    )
 
 
 def split_output(tokenizer: object, token_ids: Sequence[int]) -> tuple[str, int]:
     """The output's text (special tokens left out), and the index of the token holding the first character of its
     last "action" key: len(token_ids) without a key. Character offsets, since a token may hold more than the key
     (byte-level BPE merges such as `{"`) and sampled ids need not be the tokenizer's own split of the text."""
-    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     text = decode(token_ids)
     key = last_action_key(text)
     if key is None:
@@ -375,12 +430,18 @@ def split_output(tokenizer: object, token_ids: Sequence[int]) -> tuple[str, int]
 def encode_prompts(processor: object, prompts: Sequence[str], images: np.ndarray, device: torch.device) -> dict:
     """Left-padded token ids and pixels of a batch of chat prompts, so every prompt ends in the last column."""
     images = [[image] for image in images]
-    return processor(text=list(prompts), images=images, padding=True, padding_side="left", return_tensors="pt").to(device)
+    return processor(text=list(prompts), images=images, padding=True, padding_side="left", return_tensors="pt").to(
+        device
+    )
 
 
 def unscorable_token_ids(model: nn.Module) -> list[int]:
     """Image placeholder ids: never sampled, since fed back in they would stand for image features."""
-    return [v for k in ("image_token_id", "image_token_index", "video_token_id") if isinstance(v := getattr(model.config, k, None), int)]
+    return [
+        v
+        for k in ("image_token_id", "image_token_index", "video_token_id")
+        if isinstance(v := getattr(model.config, k, None), int)
+    ]
 
 
 class Output(NamedTuple):
@@ -389,23 +450,38 @@ class Output(NamedTuple):
     action_start: torch.Tensor  # [B] index of the first action token (T when no "action" key)
 
 
-def generate(model: nn.Module, processor: object, prompts: Sequence[str], images: np.ndarray, temperature: float,
-             max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one output per prompt (temperature 0: greedy), the whole batch at once with the KV cache: [B, max_new_tokens] ids and their mask,
-    the raw next-token logits of each sampled position [B, T, V], and the last layer's state at the last prompt token."""
+def generate(
+    model: nn.Module,
+    processor: object,
+    prompts: Sequence[str],
+    images: np.ndarray,
+    temperature: float,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one output per prompt (temperature 0: greedy), the whole batch at once with the KV cache:
+    [B, max_new_tokens] ids and their mask, the raw next-token logits of each sampled position [B, T, V], and the
+    last layer's state at the last prompt token."""
     tokenizer = processor.tokenizer
-    ends = model.generation_config.eos_token_id  # the model's end tokens (SmolVLM: <end_of_utterance>) and the tokenizer's
+    ends = (
+        model.generation_config.eos_token_id
+    )  # the model's end tokens (SmolVLM: <end_of_utterance>) and the tokenizer's
     ends = sorted(set([ends] if isinstance(ends, int) else ends or []) | {tokenizer.eos_token_id} - {None})
     enc = encode_prompts(processor, prompts, images, model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
-    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens,
-                              eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
-                              suppress_tokens=unscorable_token_ids(model) or None, return_dict_in_generate=True,
-                              output_logits=True, output_hidden_states=True)
+    config = GenerationConfig(
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=ends,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=unscorable_token_ids(model) or None,
+        return_dict_in_generate=True,
+        output_logits=True,
+        output_hidden_states=True,
+    )
     out = model.generate(**enc, generation_config=config)
-    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    new = out.sequences[:, enc["input_ids"].shape[1] :]
     ids = torch.full((len(prompts), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=new.device)
-    ids[:, :new.shape[1]] = new
+    ids[:, : new.shape[1]] = new
     return ids, output_mask(ids, ends), torch.stack(out.logits, dim=1), out.hidden_states[0][-1][:, -1]
 
 
@@ -423,22 +499,46 @@ class CoTLogProb(NamedTuple):
     hidden: torch.Tensor  # [B, H] last layer's hidden state at the last prompt token
 
 
-def cot_log_prob(model: nn.Module, processor: object, prompts: Sequence[str], images: np.ndarray, output: Output,
-                 thought_coef: float, temperature: float) -> CoTLogProb:
-    """Log-probs of sampled outputs given prompt and image at the sampling temperature, split into thought and action."""
+def cot_log_prob(
+    model: nn.Module,
+    processor: object,
+    prompts: Sequence[str],
+    images: np.ndarray,
+    output: Output,
+    thought_coef: float,
+    temperature: float,
+) -> CoTLogProb:
+    """Log-probs of sampled outputs given prompt and image at the sampling temperature, split into thought and
+    action."""
     n_out = max(int(output.mask.sum(-1).max()), 1)  # the columns that are padding in every row carry nothing
     enc = encode_prompts(processor, prompts, images, model.device)
     n_prompt = enc["input_ids"].shape[1]
     pixel_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    out = model(input_ids=torch.cat([enc["input_ids"], output.ids[:, :n_out]], dim=1),
-                attention_mask=torch.cat([enc["attention_mask"], output.mask[:, :n_out]], dim=1),
-                output_hidden_states=True, logits_to_keep=n_out + 1, **pixel_inputs)
-    return split_log_prob(out.logits[:, :-1], out.hidden_states[-1][:, n_prompt - 1], output, thought_coef, temperature,
-                          unscorable_token_ids(model))
+    out = model(
+        input_ids=torch.cat([enc["input_ids"], output.ids[:, :n_out]], dim=1),
+        attention_mask=torch.cat([enc["attention_mask"], output.mask[:, :n_out]], dim=1),
+        output_hidden_states=True,
+        logits_to_keep=n_out + 1,
+        **pixel_inputs,
+    )
+    return split_log_prob(
+        out.logits[:, :-1],
+        out.hidden_states[-1][:, n_prompt - 1],
+        output,
+        thought_coef,
+        temperature,
+        unscorable_token_ids(model),
+    )
 
 
-def split_log_prob(logits: torch.Tensor, hidden: torch.Tensor, output: Output, thought_coef: float, temperature: float,
-                   unscorable: Sequence[int]) -> CoTLogProb:
+def split_log_prob(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    output: Output,
+    thought_coef: float,
+    temperature: float,
+    unscorable: Sequence[int],
+) -> CoTLogProb:
     """eq. 2 from the raw next-token logits [B, n, V] of the first n output positions, split into thought and action."""
     n_out = logits.shape[1]
     ids, mask = output.ids[:, :n_out], output.mask[:, :n_out]
@@ -455,8 +555,9 @@ def split_log_prob(logits: torch.Tensor, hidden: torch.Tensor, output: Output, t
     return CoTLogProb(thought_coef * thought + action, thought, action, entropy, hidden)
 
 
-def rescore(agent: "Agent", prompts: Sequence[str], images: torch.Tensor, output: Output,
-            minibatch_size: int) -> torch.Tensor:
+def rescore(
+    agent: "Agent", prompts: Sequence[str], images: torch.Tensor, output: Output, minibatch_size: int
+) -> torch.Tensor:
     """log pi of stored samples from the update's own forward pass, minibatch_size samples at a time. Under bf16 the
     generation's cached hidden states differ from one full forward pass by a bf16 step, which moves a log-prob by
     ~0.005 nats even with an fp32 log-softmax; recomputed this way, PPO's first ratio is exactly 1."""
@@ -464,8 +565,9 @@ def rescore(agent: "Agent", prompts: Sequence[str], images: torch.Tensor, output
     with torch.no_grad():
         for start in range(0, len(prompts), minibatch_size):
             inds = list(range(start, min(start + minibatch_size, len(prompts))))
-            _, _, scored, _ = agent.get_action_and_value([prompts[i] for i in inds], images[inds].numpy(),
-                                                         Output(*(x[inds] for x in output)))
+            _, _, scored, _ = agent.get_action_and_value(
+                [prompts[i] for i in inds], images[inds].numpy(), Output(*(x[inds] for x in output))
+            )
             log_prob[inds] = scored.log_prob
     return log_prob
 
@@ -480,14 +582,21 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 class Agent(nn.Module):
     """The VLM policy (its generated thought and action) and the value head on the last prompt token."""
 
-    def __init__(self, model: nn.Module, processor: object, temperature: float, max_new_tokens: int, thought_coef: float):
+    def __init__(
+        self, model: nn.Module, processor: object, temperature: float, max_new_tokens: int, thought_coef: float
+    ):
         super().__init__()
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer
         self.temperature, self.max_new_tokens, self.thought_coef = temperature, max_new_tokens, thought_coef
         hidden = model.config.get_text_config().hidden_size
-        self.value_head = nn.Sequential(layer_init(nn.Linear(hidden, 1024)), nn.ReLU(), layer_init(nn.Linear(1024, 512)),
-                                        nn.ReLU(), layer_init(nn.Linear(512, 1), std=1.0)).to(model.device, torch.float32)
+        self.value_head = nn.Sequential(
+            layer_init(nn.Linear(hidden, 1024)),
+            nn.ReLU(),
+            layer_init(nn.Linear(1024, 512)),
+            nn.ReLU(),
+            layer_init(nn.Linear(512, 1), std=1.0),
+        ).to(model.device, torch.float32)
 
     def get_value(self, prompts: Sequence[str], images: np.ndarray) -> torch.Tensor:
         enc = encode_prompts(self.processor, prompts, images, self.model.device)
@@ -501,23 +610,30 @@ class Agent(nn.Module):
         texts = None
         if output is None:
             with torch.no_grad():
-                ids, mask, logits, hidden = generate(self.model, self.processor, prompts, images, self.temperature,
-                                                     self.max_new_tokens)
+                ids, mask, logits, hidden = generate(
+                    self.model, self.processor, prompts, images, self.temperature, self.max_new_tokens
+                )
             texts, starts = zip(*[split_output(self.tokenizer, row[m].tolist()) for row, m in zip(ids, mask)])
             output = Output(ids, mask, torch.tensor(starts, device=ids.device))
-            scored = split_log_prob(logits, hidden, output, self.thought_coef, self.temperature,
-                                    unscorable_token_ids(self.model))
+            scored = split_log_prob(
+                logits, hidden, output, self.thought_coef, self.temperature, unscorable_token_ids(self.model)
+            )
         else:
-            scored = cot_log_prob(self.model, self.processor, prompts, images, output, self.thought_coef, self.temperature)
+            scored = cot_log_prob(
+                self.model, self.processor, prompts, images, output, self.thought_coef, self.temperature
+            )
         return output, texts, scored, self.value_head(scored.hidden.float()).squeeze(-1)
 
 
-def observation_prompts(obs: dict, infos: dict, env_id: str, processor: object, action_names: Sequence[str],
-                        cot: bool) -> tuple[list[str], list[str], np.ndarray]:
+def observation_prompts(
+    obs: dict, infos: dict, env_id: str, processor: object, action_names: Sequence[str], cot: bool
+) -> tuple[list[str], list[str], np.ndarray]:
     """Task prompts, chat prompts and images of a vector env's observations; each env's own formula from its info."""
     formulas = infos.get("formula", [""] * len(obs["text"]))
-    texts = [task_prompt(env_id, action_names, obs["mission"][i], obs["text"][i], formulas[i], cot)
-             for i in range(len(obs["text"]))]
+    texts = [
+        task_prompt(env_id, action_names, obs["mission"][i], obs["text"][i], formulas[i], cot)
+        for i in range(len(obs["text"]))
+    ]
     return texts, [chat_prompt(processor, t) for t in texts], obs["image"]
 
 
@@ -557,17 +673,33 @@ def check_args(args: Args, world: int = 1) -> None:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
     if args.total_timesteps == 0 and args.eval_episodes == 0:
         raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
-    if min(args.num_envs, args.num_steps, args.minibatch_size, args.update_epochs, args.gradient_accumulation_steps,
-           args.max_new_tokens) < 1 or min(args.total_timesteps, args.eval_episodes, args.sample_every) < 0:
-        raise SystemExit("--num-envs, --num-steps, --minibatch-size, --update-epochs, --gradient-accumulation-steps "
-                         "and --max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every "
-                         ">= 0.")
+    if (
+        min(
+            args.num_envs,
+            args.num_steps,
+            args.minibatch_size,
+            args.update_epochs,
+            args.gradient_accumulation_steps,
+            args.max_new_tokens,
+        )
+        < 1
+        or min(args.total_timesteps, args.eval_episodes, args.sample_every) < 0
+    ):
+        raise SystemExit(
+            "--num-envs, --num-steps, --minibatch-size, --update-epochs, --gradient-accumulation-steps "
+            "and --max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every "
+            ">= 0."
+        )
     if args.total_timesteps > 0 and args.num_iterations < 1:
-        raise SystemExit(f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
-                         f"x processes = {args.batch_size * world}): raise it.")
+        raise SystemExit(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
+            f"x processes = {args.batch_size * world}): raise it."
+        )
     if args.minibatch_size > args.batch_size:
-        raise SystemExit(f"--minibatch-size {args.minibatch_size} exceeds the batch of {args.batch_size} samples per "
-                         "process: lower it.")
+        raise SystemExit(
+            f"--minibatch-size {args.minibatch_size} exceeds the batch of {args.batch_size} samples per "
+            "process: lower it."
+        )
     if not args.temperature > 0:
         raise SystemExit("--temperature must be > 0: the policy's log-probs are taken at the sampling temperature.")
     if not 0 <= args.thought_coef <= 1:
@@ -593,22 +725,27 @@ def load_checkpoint(path: str, args: Args) -> dict:
     try:
         checkpoint = torch.load(Path(path) / "trainer_state.pt", weights_only=True)
     except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
-        raise SystemExit(f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
-                         f"{algorithm or 'something else'}): resume it with the script that wrote it.")
+        raise SystemExit(
+            f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
+            f"{algorithm or 'something else'}): resume it with the script that wrote it."
+        )
     for flag in ENV_FLAGS:
         if checkpoint["args"][flag] != getattr(args, flag):
             name = "--" + flag.replace("_", "-")
-            raise SystemExit(f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
-                             f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it.")
+            raise SystemExit(
+                f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
+                f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it."
+            )
     return checkpoint
 
 
-def evaluate(policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv,
-             n_episodes: int) -> list[tuple[float, int, bool]]:
-    """(return, length, success) of `n_episodes` episodes, split evenly over the envs (so short episodes are not favoured)."""
+def evaluate(
+    policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv, n_episodes: int
+) -> list[tuple[float, int, bool]]:
+    """(return, length, success) of `n_episodes` episodes, split evenly over the envs (short ones are not favoured)."""
     quota = [n_episodes // envs.num_envs + (i < n_episodes % envs.num_envs) for i in range(envs.num_envs)]
     episodes: list[list[tuple[float, int, bool]]] = [[] for _ in range(envs.num_envs)]
     returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
@@ -627,9 +764,16 @@ def log_samples(writer: SummaryWriter, path: Path, records: list[dict], global_s
     """Prompts, outputs, parsed actions and rewards: appended to samples.jsonl and shown in tensorboard's text tab."""
     with path.open("a") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
-    writer.add_text("cot/samples", "\n\n".join(
-        f"**env {r['env']}**, action `{r['action']}`{'' if r['valid'] else ' (invalid: random)'}, reward {r['reward']}\n\n"
-        f"```\n{r['prompt']}\n```\n\n```\n{r['output']}\n```" for r in records), global_step)
+    writer.add_text(
+        "cot/samples",
+        "\n\n".join(
+            f"**env {r['env']}**, action `{r['action']}`{'' if r['valid'] else ' (invalid: random)'}, "
+            f"reward {r['reward']}\n\n"
+            f"```\n{r['prompt']}\n```\n\n```\n{r['output']}\n```"
+            for r in records
+        ),
+        global_step,
+    )
 
 
 if __name__ == "__main__":
@@ -640,7 +784,9 @@ if __name__ == "__main__":
     args.num_iterations = args.total_timesteps // (args.batch_size * world)
     check_args(args, world)
     checkpoint = load_checkpoint(args.resume, args) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
 
     # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
     np.random.seed(args.seed + rank)
@@ -660,11 +806,22 @@ if __name__ == "__main__":
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}") if accelerator.is_main_process else None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    # purge_step: on resume, TensorBoard drops what the killed run logged after its checkpoint (at later steps)
+    purge_step = checkpoint["global_step"] + 1 if checkpoint else None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step) if accelerator.is_main_process else None
     if writer is not None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        )
 
     params = [p for p in agent.parameters() if p.requires_grad]  # LoRA and value head, in a fixed order
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
@@ -685,8 +842,10 @@ if __name__ == "__main__":
         torch.manual_seed(args.seed + rank)
     if accelerator.is_main_process:
         n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in agent.parameters())
-        print(f"trainable: {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%), "
-              f"chain of thought: {args.cot}, processes: {world}")
+        print(
+            f"trainable: {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%), "
+            f"chain of thought: {args.cot}, processes: {world}"
+        )
 
     def prompts_of(obs: dict, infos: dict) -> tuple[list[str], list[str], np.ndarray]:
         return observation_prompts(obs, infos, args.env_id, processor, action_names, args.cot)
@@ -738,11 +897,30 @@ if __name__ == "__main__":
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
-            if writer is not None and args.sample_every > 0 and iteration % args.sample_every == 0 and step == args.num_steps - 1:
-                log_samples(writer, Path(f"runs/{run_name}/samples.jsonl"), [
-                    {"iteration": iteration, "global_step": global_step, "env": i, "prompt": next_texts[i],
-                     "output": output_texts[i], "action": action_names[action[i]], "valid": bool(valid[i]),
-                     "reward": float(reward[i])} for i in range(args.num_envs)], global_step)
+            if (
+                writer is not None
+                and args.sample_every > 0
+                and iteration % args.sample_every == 0
+                and step == args.num_steps - 1
+            ):
+                log_samples(
+                    writer,
+                    Path(f"runs/{run_name}/samples.jsonl"),
+                    [
+                        {
+                            "iteration": iteration,
+                            "global_step": global_step,
+                            "env": i,
+                            "prompt": next_texts[i],
+                            "output": output_texts[i],
+                            "action": action_names[action[i]],
+                            "valid": bool(valid[i]),
+                            "reward": float(reward[i]),
+                        }
+                        for i in range(args.num_envs)
+                    ],
+                    global_step,
+                )
             episode_return, episode_length = episode_return + reward, episode_length + 1
             next_done_np = np.logical_or(terminations, truncations)
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
@@ -750,16 +928,19 @@ if __name__ == "__main__":
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
 
             final_values[step] = 0.0
-            truncated = np.flatnonzero(truncations & ~terminations)  # out of time, not done: the episode's value goes on
+            truncated = np.flatnonzero(
+                truncations & ~terminations
+            )  # out of time, not done: the episode's value goes on
             if len(truncated) > 0:
-                final_obs = {k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission",
-                                                                                                  "image")}
+                final_obs = {
+                    k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission", "image")
+                }
                 final_infos = {k: v[truncated] for k, v in infos["final_info"].items() if k == "formula"}
                 with torch.no_grad():
                     final_values[step, truncated] = agent.get_value(*prompts_of(final_obs, final_infos)[1:]).flatten()
             for i in np.flatnonzero(next_done_np):
-                finished.append((float(episode_return[i]), int(episode_length[i]),
-                                 bool(infos["final_info"]["success"][i])))
+                success = bool(infos["final_info"]["success"][i])
+                finished.append((float(episode_return[i]), int(episode_length[i]), success))
                 if writer is not None:
                     writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
                     writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
@@ -769,14 +950,18 @@ if __name__ == "__main__":
         # bootstrap value if not done
         with torch.no_grad():
             next_value = agent.get_value(next_prompts, next_images).reshape(1, -1)
-            advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, next_done, args.gamma,
-                                              args.gae_lambda)
+            advantages, returns = compute_gae(
+                rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
+            )
 
         # flatten the batch
         b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
         b_images = obs_images.reshape((-1,) + image_shape)
-        b_output = Output(output_ids.reshape(-1, args.max_new_tokens), output_masks.reshape(-1, args.max_new_tokens),
-                          action_starts.reshape(-1))
+        b_output = Output(
+            output_ids.reshape(-1, args.max_new_tokens),
+            output_masks.reshape(-1, args.max_new_tokens),
+            action_starts.reshape(-1),
+        )
         b_logprobs = logprobs.reshape(-1)
         b_advantages = advantages.reshape(-1)
         b_returns = returns.reshape(-1)
@@ -795,8 +980,9 @@ if __name__ == "__main__":
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
                 mb_output = Output(*(x[mb_inds] for x in b_output))  # the tokens sampled in the rollout, scored anew
-                _, _, newscored, newvalue = agent.get_action_and_value([b_prompts[i] for i in mb_inds],
-                                                                       b_images[mb_inds].numpy(), mb_output)
+                _, _, newscored, newvalue = agent.get_action_and_value(
+                    [b_prompts[i] for i in mb_inds], b_images[mb_inds].numpy(), mb_output
+                )
                 logratio = newscored.log_prob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -816,7 +1002,9 @@ if __name__ == "__main__":
                 # Value loss, clipped as in the authors' code
                 newvalue = newvalue.view(-1)
                 v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                v_clipped = b_values[mb_inds] + torch.clamp(
+                    newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                )
                 v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
                 v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
 
@@ -826,7 +1014,7 @@ if __name__ == "__main__":
                 (loss / args.gradient_accumulation_steps).backward()
                 n_accumulated += 1
                 if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
-                    if world > 1:  # average the gradients over processes, as DDP would
+                    if world > 1:  # average the gradients over the processes, as DDP would
                         grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
                         for p, grad in zip(params, grads.split([p.numel() for p in params])):
                             p.grad.copy_(grad.view_as(p))
@@ -839,9 +1027,16 @@ if __name__ == "__main__":
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
-        # all processes: finished episodes, their summed return, length and successes, invalid actions, log-probs, tokens
-        sums = [len(finished), *(map(sum, zip(*finished)) if finished else [0, 0, 0]), n_invalid, thought_sum,
-                action_sum, rollout_tokens]
+        # all processes: finished episodes, their summed return, length and successes, invalid actions, log-probs,
+        # tokens
+        sums = [
+            len(finished),
+            *(map(sum, zip(*finished)) if finished else [0, 0, 0]),
+            n_invalid,
+            thought_sum,
+            action_sum,
+            rollout_tokens,
+        ]
         totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum")
         if accelerator.is_main_process:
             n_samples = args.batch_size * world
@@ -864,22 +1059,45 @@ if __name__ == "__main__":
                 report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
             else:
                 report = "no episode ended"
-            print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
-                  f"invalid={totals[4] / n_samples:.2f} tokens/s={totals[7] / rollout_time:.0f}", flush=True)
+            print(
+                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
+                f"invalid={totals[4] / n_samples:.2f} tokens/s={totals[7] / rollout_time:.0f}",
+                flush=True,
+            )
 
         if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             rng_states = gather_object([torch.get_rng_state()])
             if accelerator.is_main_process:
-                save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
-                                {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
-                                 "iteration": iteration, "global_step": global_step, "rng_states": rng_states})
+                save_checkpoint(
+                    Path(f"runs/{run_name}/checkpoint"),
+                    agent,
+                    optimizer,
+                    {
+                        "algorithm": ALGORITHM,
+                        "args": asdict(args),
+                        "run_name": run_name,
+                        "iteration": iteration,
+                        "global_step": global_step,
+                        "rng_states": rng_states,
+                    },
+                )
     envs.close()
 
     if args.save_model and accelerator.is_main_process:
         model_path = Path(f"runs/{run_name}/model")
-        save_checkpoint(model_path, agent, None, {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
-                                                  "iteration": args.num_iterations, "global_step": global_step,
-                                                  "rng_states": [torch.get_rng_state()]})
+        save_checkpoint(
+            model_path,
+            agent,
+            None,
+            {
+                "algorithm": ALGORITHM,
+                "args": asdict(args),
+                "run_name": run_name,
+                "iteration": args.num_iterations,
+                "global_step": global_step,
+                "rng_states": [torch.get_rng_state()],
+            },
+        )
         print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
 
     evaluations = {}  # (return, length, success) of each evaluation episode, by mode
@@ -890,8 +1108,14 @@ if __name__ == "__main__":
             def policy(obs: dict, infos: dict) -> np.ndarray:
                 _, prompts, images = prompts_of(obs, infos)
                 with torch.no_grad():
-                    ids, mask, _, _ = generate(model, processor, prompts, images,
-                                               0.0 if mode == "greedy" else args.temperature, args.max_new_tokens)
+                    ids, mask, _, _ = generate(
+                        model,
+                        processor,
+                        prompts,
+                        images,
+                        0.0 if mode == "greedy" else args.temperature,
+                        args.max_new_tokens,
+                    )
                 texts = [split_output(processor.tokenizer, row[m].tolist())[0] for row, m in zip(ids, mask)]
                 eval_action, valid = env_actions(texts, action_names)
                 eval_valid.extend(valid)
@@ -903,8 +1127,10 @@ if __name__ == "__main__":
             writer.add_scalar(f"eval/{mode}_episodic_return", eval_returns.mean(), global_step)
             writer.add_scalar(f"eval/{mode}_success_rate", success, global_step)
             writer.add_scalar(f"eval/{mode}_invalid_action_rate", invalid, global_step)
-            print(f"eval {mode}: episodic_return={eval_returns.mean():.3f} success_rate={success:.2f} "
-                  f"invalid={invalid:.2f} over {len(evaluations[mode])} episodes")
+            print(
+                f"eval {mode}: episodic_return={eval_returns.mean():.3f} success_rate={success:.2f} "
+                f"invalid={invalid:.2f} over {len(evaluations[mode])} episodes"
+            )
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()

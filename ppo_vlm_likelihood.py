@@ -47,10 +47,20 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-from transformers import BitsAndBytesConfig, IdeficsProcessor, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    IdeficsProcessor,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 import text_envs
 
@@ -59,20 +69,25 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # taught offline by assets/teach_tiny_vlm.py (sft_vlm.py on FrozenLake8x8): a stand-in when the Hub is out of reach
 FALLBACK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-smolvlm-likelihood"
 # printed when the fallback is used
-FALLBACK_MODEL_NOTE = ("a small VLM taught offline on FrozenLake8x8,\n"
-                       "NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM.")
+FALLBACK_MODEL_NOTE = (
+    "a small VLM taught offline on FrozenLake8x8,\n"
+    "NOT the paper's model: its numbers show the mechanism, never a claim about a real VLM."
+)
 # q/k/v of the language model's self-attention only (not the vision tower, not cross-attention):
 # SmolVLM / Idefics2 / Idefics3 `text_model`, LLaVA / Qwen2-VL `language_model`, Idefics (v1) and text-only LMs `model`.
 LANGUAGE_MODEL_QKV = r"(?:.*\.)?(?:text_model|language_model|model)\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj)"
-FROZENLAKE_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} Avoid the traps! "
-                             "What's the next best action?")
-LISTING_STATE_TEMPLATE = ("I am the agent in this minigrid world. {description} The possible actions are: {actions}. "
-                          "What's the next best action?")
+FROZENLAKE_STATE_TEMPLATE = (
+    "I am the agent in this minigrid world. {description} Avoid the traps! What's the next best action?"
+)
+LISTING_STATE_TEMPLATE = (
+    "I am the agent in this minigrid world. {description} The possible actions are: {actions}. "
+    "What's the next best action?"
+)
 # Idefics (v1) instruct's dialogue format, written out rather than left to a chat template; the image goes at <image>.
 IDEFICS_V1_PROMPT, IDEFICS_V1_IMAGE = "User:{image}{text}<end_of_utterance>\nAssistant:", "<image>"
-# The leading space separates the action prompt from the chat template's "Assistant:".
 # flags that fix the envs and the network: a checkpoint resumes only with the same values
 ENV_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")
+# The leading space separates the action prompt from the chat template's "Assistant:".
 ACTION_TEMPLATE = " Based on the information provided, the next best action would be to {action}"
 
 
@@ -186,16 +201,18 @@ def make_env(env_id: str, seed: int, image_size: int | None, with_image: bool) -
     def thunk() -> gym.Env:
         macro = env_id in text_envs.GRID_ENVS or env_id.startswith(("MiniGrid-", "BabyAI-"))
         size = {"image_size": image_size} if image_size else {}
-        return text_envs.make_env(env_id, seed, with_image=with_image, action_set="macro" if macro else "primitive",
-                                  **size)
+        return text_envs.make_env(
+            env_id, seed, with_image=with_image, action_set="macro" if macro else "primitive", **size
+        )
 
     return thunk
 
 
 def make_envs(env_id: str, seeds: Sequence[int], image_size: int | None, with_image: bool) -> gym.vector.SyncVectorEnv:
     """Vector env that resets an env in the step that ends its episode, handing the final observation in `info`."""
-    return gym.vector.SyncVectorEnv([make_env(env_id, s, image_size, with_image) for s in seeds],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.vector.SyncVectorEnv(
+        [make_env(env_id, s, image_size, with_image) for s in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
 
 
 def hub_status(model_id: str, timeout: float = 3.0) -> Literal["found", "missing", "unreachable"]:
@@ -237,15 +254,22 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     reason = "the Hub cannot be reached" if status == "unreachable" else "the Hub does not know it"
     if model_id == DEFAULT_MODEL_ID:
         if not (FALLBACK_MODEL_DIR / "config.json").is_file():
-            raise SystemExit(f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
-                             f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
-                             "or name a local model directory.")
+            raise SystemExit(
+                f"{DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}, and the "
+                f"offline model {FALLBACK_MODEL_DIR} is missing: copy assets/ next to the script, "
+                "or name a local model directory."
+            )
         bar = "!" * 100
-        print(f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
-              f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}", file=sys.stderr)
+        print(
+            f"{bar}\nWARNING: {DEFAULT_MODEL_ID} is not in the local Hugging Face cache and {reason}.\n"
+            f"Falling back to {FALLBACK_MODEL_DIR}, {FALLBACK_MODEL_NOTE}\n{bar}",
+            file=sys.stderr,
+        )
         return str(FALLBACK_MODEL_DIR), True
-    raise SystemExit(f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
-                     "check the id, download the model first, or pass a local directory.")
+    raise SystemExit(
+        f"model {model_id!r} is not in the local Hugging Face cache and {reason}; "
+        "check the id, download the model first, or pass a local directory."
+    )
 
 
 def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object, bool]:
@@ -258,14 +282,24 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
         raise SystemExit(f"cannot load model {model_id!r} ({reason}).") from None
     reads_images = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     if not reads_images and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise SystemExit(f"model {model_id!r} ({config.model_type}) is neither a vision-language model nor a "
-                         "causal language model.")
+        raise SystemExit(
+            f"model {model_id!r} ({config.model_type}) is neither a vision-language model nor a causal language model."
+        )
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=compute_dtype) if load_in_4bit else None
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        if load_in_4bit
+        else None
+    )
     auto_model = AutoModelForImageTextToText if reads_images else AutoModelForCausalLM
-    model = auto_model.from_pretrained(source, dtype=compute_dtype, quantization_config=quantization,
-                                       device_map={"": device}, local_files_only=offline)
+    model = auto_model.from_pretrained(
+        source, dtype=compute_dtype, quantization_config=quantization, device_map={"": device}, local_files_only=offline
+    )
     for layer in (m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")):  # bitsandbytes' 4-bit:
         layer.support_avx512bf16_for_cpu = False  # its CPU repacking re-rounds the frozen scales at every checkpoint
     processor = (AutoProcessor if reads_images else AutoTokenizer).from_pretrained(source, local_files_only=offline)
@@ -295,14 +329,16 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) ->
     try:
         with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 the deprecated question
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-            return get_peft_model(model,
-                                  LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
+            return get_peft_model(
+                model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules)
+            )
     except ValueError as err:
         raise SystemExit(f"--lora-target-modules matches no module of this model ({err}).".replace("\n", " ")) from None
 
 
-def format_state_prompt(processor: object, template: str, description: str, action_names: Sequence[str],
-                        with_image: bool) -> str:
+def format_state_prompt(
+    processor: object, template: str, description: str, action_names: Sequence[str], with_image: bool
+) -> str:
     """The state prompt P in the model's chat format: the image, then the filled template (Fig. 1)."""
     text = template.format(description=description, actions=", ".join(action_names))
     if isinstance(processor, IdeficsProcessor):
@@ -313,8 +349,9 @@ def format_state_prompt(processor: object, template: str, description: str, acti
         content = text
     else:
         return text
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def encode_states(processor: object, prompts: Sequence[str], images: Sequence[np.ndarray] | None) -> dict:
@@ -341,8 +378,12 @@ def prefix_positions(model: nn.Module, enc: dict[str, torch.Tensor]) -> tuple[to
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     rope_index = getattr(getattr(base, "model", None), "get_rope_index", None)
     if rope_index is not None and "image_grid_thw" in enc:  # Qwen2-VL's multimodal RoPE: 3 position rows
-        positions, _ = rope_index(enc["input_ids"], mm_token_type_ids=enc.get("mm_token_type_ids"),
-                                  image_grid_thw=enc["image_grid_thw"], attention_mask=mask)
+        positions, _ = rope_index(
+            enc["input_ids"],
+            mm_token_type_ids=enc.get("mm_token_type_ids"),
+            image_grid_thw=enc["image_grid_thw"],
+            attention_mask=mask,
+        )
         return positions, positions.amax(dim=(0, 2)) + 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return positions, positions[:, -1] + 1
@@ -360,9 +401,14 @@ class StateScores(NamedTuple):
     n_tokens: int  # tokens run through the language model
 
 
-def score_actions_and_state(model: nn.Module, processor: object, state_prompts: Sequence[str],
-                            images: Sequence[np.ndarray] | None, action_prompts: Sequence[str],
-                            reduction: str = "mean") -> StateScores:
+def score_actions_and_state(
+    model: nn.Module,
+    processor: object,
+    state_prompts: Sequence[str],
+    images: Sequence[np.ndarray] | None,
+    action_prompts: Sequence[str],
+    reduction: str = "mean",
+) -> StateScores:
     """Score every action prompt after every state prompt, encoding each state (image included) once."""
     tokenizer = getattr(processor, "tokenizer", processor)
     device = model.device
@@ -381,9 +427,15 @@ def score_actions_and_state(model: nn.Module, processor: object, state_prompts: 
     image_mask = enc.get("image_attention_mask")  # Idefics v1: the images each token cross-attends to
     if image_mask is not None:  # action tokens attend to what the last state-prompt token does
         pixel_inputs["image_attention_mask"] = torch.cat([image_mask, image_mask[:, -1:].expand(-1, n_shared, -1)], 1)
-    out = model(input_ids=torch.cat([enc["input_ids"], shared_ids], dim=1), attention_mask=mask,
-                position_ids=torch.cat([positions, extend_positions(positions, next_position, n_shared)], dim=-1),
-                use_cache=True, output_hidden_states=True, logits_to_keep=n_shared + 1, **pixel_inputs)
+    out = model(
+        input_ids=torch.cat([enc["input_ids"], shared_ids], dim=1),
+        attention_mask=mask,
+        position_ids=torch.cat([positions, extend_positions(positions, next_position, n_shared)], dim=-1),
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=n_shared + 1,
+        **pixel_inputs,
+    )
     logprobs = out.logits.float().log_softmax(-1)  # log p(token | prefix) over the whole vocabulary
     shared_logprob = logprobs[:, :-1].gather(-1, shared_ids[..., None]).squeeze(-1).sum(-1, keepdim=True)
     first_ids = torch.tensor([s[0] for s in suffixes], device=device)
@@ -404,11 +456,18 @@ def score_actions_and_state(model: nn.Module, processor: object, state_prompts: 
         image_inputs = {}
         if image_mask is not None:  # Idefics v1's cross-attention is not cached: it reads the image features again
             features = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
-            image_inputs = {features: out.image_hidden_states.repeat_interleave(n_actions, 0), "image_attention_mask":
-                            image_mask[:, -1:].expand(-1, cont_len, -1).repeat_interleave(n_actions, 0)}
-        cont = model(input_ids=inputs.repeat(batch, 1), past_key_values=cache, use_cache=True,
-                     attention_mask=torch.cat([mask.repeat_interleave(n_actions, 0), cont_mask.repeat(batch, 1)], 1),
-                     position_ids=extend_positions(positions, start, cont_len), **image_inputs)
+            image_inputs = {
+                features: out.image_hidden_states.repeat_interleave(n_actions, 0),
+                "image_attention_mask": image_mask[:, -1:].expand(-1, cont_len, -1).repeat_interleave(n_actions, 0),
+            }
+        cont = model(
+            input_ids=inputs.repeat(batch, 1),
+            past_key_values=cache,
+            use_cache=True,
+            attention_mask=torch.cat([mask.repeat_interleave(n_actions, 0), cont_mask.repeat(batch, 1)], 1),
+            position_ids=extend_positions(positions, start, cont_len),
+            **image_inputs,
+        )
         cont_logprob = cont.logits.float().log_softmax(-1).gather(-1, targets.repeat(batch, 1)[..., None]).squeeze(-1)
         token_logprob = token_logprob + (cont_logprob * cont_mask.repeat(batch, 1)).sum(-1).view(batch, n_actions)
         n_tokens += batch * int(cont_mask.sum())
@@ -424,9 +483,14 @@ def score_actions_and_state(model: nn.Module, processor: object, state_prompts: 
     return StateScores(scores, out.hidden_states[-1][:, state_len - 1], n_tokens)
 
 
-def score_actions(model: nn.Module, processor: object, state_prompts: Sequence[str],
-                  images: Sequence[np.ndarray] | None, action_prompts: Sequence[str],
-                  reduction: str = "mean") -> torch.Tensor:
+def score_actions(
+    model: nn.Module,
+    processor: object,
+    state_prompts: Sequence[str],
+    images: Sequence[np.ndarray] | None,
+    action_prompts: Sequence[str],
+    reduction: str = "mean",
+) -> torch.Tensor:
     """[B, A] log-likelihood scores of each action prompt after each state prompt (paper eq. 1 with "mean")."""
     return score_actions_and_state(model, processor, state_prompts, images, action_prompts, reduction).scores
 
@@ -441,9 +505,16 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 class Agent(nn.Module):
     """The VLM policy (softmax over the action prompts' scores) and the value head on the last state-prompt token."""
 
-    def __init__(self, model: nn.Module, processor: object, action_names: Sequence[str],
-                 state_template: str = LISTING_STATE_TEMPLATE, action_template: str = ACTION_TEMPLATE,
-                 reduction: str = "mean", with_image: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: object,
+        action_names: Sequence[str],
+        state_template: str = LISTING_STATE_TEMPLATE,
+        action_template: str = ACTION_TEMPLATE,
+        reduction: str = "mean",
+        with_image: bool = True,
+    ):
         super().__init__()
         self.model, self.processor, self.with_image = model, processor, with_image
         self.action_names, self.state_template, self.reduction = list(action_names), state_template, reduction
@@ -460,8 +531,10 @@ class Agent(nn.Module):
 
     def observe(self, obs: dict) -> tuple[list[str], np.ndarray | None]:
         """State prompts, and images (None when the model reads text only), of a batch of observations."""
-        prompts = [format_state_prompt(self.processor, self.state_template, text, self.action_names, self.with_image)
-                   for text in obs["text"]]
+        prompts = [
+            format_state_prompt(self.processor, self.state_template, text, self.action_names, self.with_image)
+            for text in obs["text"]
+        ]
         return prompts, (obs["image"] if self.with_image else None)
 
     def scores_and_value(self, prompts: Sequence[str], images: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,8 +546,9 @@ class Agent(nn.Module):
     def get_value(self, prompts: Sequence[str], images: np.ndarray | None) -> torch.Tensor:
         return self.scores_and_value(prompts, images)[1]
 
-    def get_action_and_value(self, prompts: Sequence[str], images: np.ndarray | None,
-                             action: torch.Tensor | None = None):
+    def get_action_and_value(
+        self, prompts: Sequence[str], images: np.ndarray | None, action: torch.Tensor | None = None
+    ):
         scores, value = self.scores_and_value(prompts, images)
         probs = Categorical(logits=scores)  # pi(a_i | s) = softmax_i(score_i)
         if action is None:
@@ -498,8 +572,15 @@ def build_agent(args: Args, action_names: Sequence[str], device: torch.device) -
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     model.eval()  # no dropout: rollouts and updates score the same policy
     template = args.state_template or state_template(args.env_id)
-    return Agent(model, processor, action_names, template, args.action_template, args.reduction,
-                 with_image=reads_images and not args.no_image)
+    return Agent(
+        model,
+        processor,
+        action_names,
+        template,
+        args.action_template,
+        args.reduction,
+        with_image=reads_images and not args.no_image,
+    )
 
 
 def env_action_names(env_id: str) -> list[str]:
@@ -550,17 +631,24 @@ def check_args(args: Args, world: int = 1) -> None:
     if args.total_timesteps == 0 and args.eval_episodes == 0:
         raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
     if args.total_timesteps > 0 and args.num_iterations < 1:
-        raise SystemExit(f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
-                         f"x processes = {args.batch_size * world}): raise it.")
+        raise SystemExit(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
+            f"x processes = {args.batch_size * world}): raise it."
+        )
     if min(args.num_steps, args.num_minibatches, args.update_epochs, args.gradient_accumulation_steps) < 1:
-        raise SystemExit("--num-steps, --num-minibatches, --update-epochs and --gradient-accumulation-steps "
-                         "must be at least 1.")
+        raise SystemExit(
+            "--num-steps, --num-minibatches, --update-epochs and --gradient-accumulation-steps must be at least 1."
+        )
     if args.minibatch_size == 0:
-        raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.batch_size} samples "
-                         "per process: lower it.")
+        raise SystemExit(
+            f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.batch_size} samples "
+            "per process: lower it."
+        )
     if args.env_seeds and len(args.env_seeds) != args.num_envs * world:
-        raise SystemExit(f"--env-seeds gives {len(args.env_seeds)} seeds for {args.num_envs} envs x {world} processes: "
-                         "give one seed per env.")
+        raise SystemExit(
+            f"--env-seeds gives {len(args.env_seeds)} seeds for {args.num_envs} envs x {world} processes: "
+            "give one seed per env."
+        )
     if args.no_image and args.image_size is not None:
         raise SystemExit("--image-size sets the image the VLM sees, so it does not fit with --no-image.")
     if args.state_template is not None and "{description}" not in args.state_template:
@@ -588,28 +676,33 @@ def load_checkpoint(path: str, args: Args) -> dict:
     try:
         checkpoint = torch.load(Path(path) / "trainer_state.pt", weights_only=True)
     except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
-        raise SystemExit(f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
-                         f"{algorithm or 'something else'}): resume it with the script that wrote it.")
+        raise SystemExit(
+            f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
+            f"{algorithm or 'something else'}): resume it with the script that wrote it."
+        )
     for flag in ENV_FLAGS:
         if checkpoint["args"][flag] != getattr(args, flag):
             name = "--" + flag.replace("_", "-")
-            raise SystemExit(f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
-                             f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it.")
+            raise SystemExit(
+                f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
+                f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it."
+            )
     return checkpoint
 
 
-def evaluate(policy: Callable[[dict], np.ndarray], envs: gym.vector.VectorEnv,
-             n_episodes: int) -> list[tuple[float, int, bool]]:
+def evaluate(
+    policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv, n_episodes: int
+) -> list[tuple[float, int, bool]]:
     """(return, length, success) of `n_episodes` episodes, split evenly over the envs (short ones are not favoured)."""
     quota = [n_episodes // envs.num_envs + (i < n_episodes % envs.num_envs) for i in range(envs.num_envs)]
     episodes: list[list[tuple[float, int, bool]]] = [[] for _ in range(envs.num_envs)]
     returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
-    obs, _ = envs.reset()
+    obs, infos = envs.reset()
     while any(len(done) < q for done, q in zip(episodes, quota)):
-        obs, reward, terminations, truncations, infos = envs.step(policy(obs))
+        obs, reward, terminations, truncations, infos = envs.step(policy(obs, infos))
         returns, lengths = returns + reward, lengths + 1
         for i in np.flatnonzero(terminations | truncations):
             if len(episodes[i]) < quota[i]:
@@ -618,8 +711,7 @@ def evaluate(policy: Callable[[dict], np.ndarray], envs: gym.vector.VectorEnv,
     return [episode for per_env in episodes for episode in per_env]
 
 
-def log_evaluation(writer: SummaryWriter, episodes: list[tuple[float, int, bool]], mode: str,
-                   global_step: int) -> None:
+def log_evaluation(writer: SummaryWriter, episodes: list[tuple[float, int, bool]], mode: str, global_step: int) -> None:
     """Write the evaluation's mean return and success rate (eval/{mode}_...) to TensorBoard and print them."""
     returns, success = np.array([e[0] for e in episodes]), float(np.mean([e[2] for e in episodes]))
     writer.add_scalar(f"eval/{mode}_episodic_return", returns.mean(), global_step)
@@ -639,14 +731,17 @@ if __name__ == "__main__":
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if args.num_envs is None:
-        args.num_envs = len(args.env_seeds) // world if args.env_seeds else \
-            2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
+        args.num_envs = (
+            len(args.env_seeds) // world if args.env_seeds else 2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
+        )
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))
     args.num_iterations = args.total_timesteps // (args.batch_size * world)
     check_args(args, world)
     checkpoint = load_checkpoint(args.resume, args) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
 
     # TRY NOT TO MODIFY: seeding (the same seed for the initial weights on every process, then one per process)
     random.seed(args.seed + rank)
@@ -656,7 +751,8 @@ if __name__ == "__main__":
 
     # env and agent setup: everything that can fail on a bad flag happens before a run directory exists
     env_seeds = (args.env_seeds or [args.seed + i for i in range(args.num_envs * world)])[
-        rank * args.num_envs:(rank + 1) * args.num_envs]
+        rank * args.num_envs : (rank + 1) * args.num_envs
+    ]
     action_names = env_action_names(args.env_id)
     agent = None if args.random_policy else build_agent(args, action_names, device)
     envs = make_envs(args.env_id, env_seeds, args.image_size, with_image=agent is not None and agent.with_image)
@@ -664,22 +760,36 @@ if __name__ == "__main__":
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}") if accelerator.is_main_process else None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    # purge_step: on resume, TensorBoard drops what the killed run logged after its checkpoint (at later steps)
+    purge_step = checkpoint["global_step"] + 1 if checkpoint else None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step) if accelerator.is_main_process else None
     if writer is not None:
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        )
 
     if agent is None:  # the Random-Agent baseline: no model at all
         envs.action_space.seed(args.seed + rank)
         if writer is not None:
-            log_evaluation(writer, evaluate(lambda obs: envs.action_space.sample(), envs, args.eval_episodes),
-                           "random", global_step=0)
+            log_evaluation(
+                writer,
+                evaluate(lambda obs, infos: envs.action_space.sample(), envs, args.eval_episodes),
+                "random",
+                global_step=0,
+            )
             writer.close()
         sys.exit()
 
-    params = [p for p in agent.parameters() if p.requires_grad]  # LoRA and value head
+    params = [p for p in agent.parameters() if p.requires_grad]  # LoRA and value head, in a fixed order
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     if world > 1:  # every process starts from rank 0's adapter and value head
         for p in params:
@@ -698,8 +808,10 @@ if __name__ == "__main__":
         torch.manual_seed(args.seed + rank)
     if accelerator.is_main_process:
         n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in agent.parameters())
-        print(f"trainable: {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%), "
-              f"images: {agent.with_image}, processes: {world}")
+        print(
+            f"trainable: {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.2f}%), "
+            f"images: {agent.with_image}, processes: {world}"
+        )
 
     # ALGO Logic: Storage setup
     image_shape = envs.single_observation_space["image"].shape if agent.with_image else (0, 0, 3)
@@ -748,7 +860,9 @@ if __name__ == "__main__":
             next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
 
             final_values[step] = 0.0
-            truncated = np.flatnonzero(truncations & ~terminations)  # out of time, not done: the episode's value goes on
+            truncated = np.flatnonzero(
+                truncations & ~terminations
+            )  # out of time, not done: the episode's value goes on
             if len(truncated) > 0:
                 finals = [infos["final_obs"][i] for i in truncated]
                 final_obs = {key: [final[key] for final in finals] for key in finals[0]}
@@ -766,8 +880,9 @@ if __name__ == "__main__":
         # bootstrap value if not done
         with torch.no_grad():
             next_value = agent.get_value(*agent.observe(next_obs)).reshape(1, -1)
-            advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, next_done, args.gamma,
-                                              args.gae_lambda)
+            advantages, returns = compute_gae(
+                rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
+            )
 
         # flatten the batch
         b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
@@ -789,8 +904,9 @@ if __name__ == "__main__":
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
                 mb_images = b_images[mb_inds].numpy() if agent.with_image else None
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value([b_prompts[i] for i in mb_inds],
-                                                                              mb_images, b_actions[mb_inds])
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                    [b_prompts[i] for i in mb_inds], mb_images, b_actions[mb_inds]
+                )
                 logratio = newlogprob - b_logprobs[mb_inds]
                 ratio = logratio.exp()
 
@@ -811,8 +927,9 @@ if __name__ == "__main__":
                 newvalue = newvalue.view(-1)
                 if args.clip_vloss:
                     v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef,
-                                                                args.clip_coef)
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
                     v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
                     v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
                     v_loss = 0.5 * v_loss_max.mean()
@@ -862,29 +979,52 @@ if __name__ == "__main__":
                 report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
             else:
                 report = "no episode ended"
-            print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
-                  f"entropy={entropy_loss.item():.3f} tokens/s={totals[4] / rollout_time:.0f}", flush=True)
+            print(
+                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
+                f"entropy={entropy_loss.item():.3f} tokens/s={totals[4] / rollout_time:.0f}",
+                flush=True,
+            )
 
         if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             rng_states = gather_object([torch.get_rng_state()])
             if accelerator.is_main_process:
-                save_checkpoint(Path(f"runs/{run_name}/checkpoint"), agent, optimizer,
-                                {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
-                                 "iteration": iteration, "global_step": global_step, "rng_states": rng_states})
+                save_checkpoint(
+                    Path(f"runs/{run_name}/checkpoint"),
+                    agent,
+                    optimizer,
+                    {
+                        "algorithm": ALGORITHM,
+                        "args": asdict(args),
+                        "run_name": run_name,
+                        "iteration": iteration,
+                        "global_step": global_step,
+                        "rng_states": rng_states,
+                    },
+                )
     envs.close()
 
     if args.save_model and accelerator.is_main_process:
         model_path = Path(f"runs/{run_name}/model")
-        save_checkpoint(model_path, agent, None, {"algorithm": ALGORITHM, "args": asdict(args), "run_name": run_name,
-                                                  "iteration": args.num_iterations, "global_step": global_step,
-                                                  "rng_states": [torch.get_rng_state()]})
+        save_checkpoint(
+            model_path,
+            agent,
+            None,
+            {
+                "algorithm": ALGORITHM,
+                "args": asdict(args),
+                "run_name": run_name,
+                "iteration": args.num_iterations,
+                "global_step": global_step,
+                "rng_states": [torch.get_rng_state()],
+            },
+        )
         print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
     evaluations = {}  # (return, length, success) of each evaluation episode, by mode
     if args.eval_episodes > 0 and writer is not None:
         for mode in ("greedy", "sampled"):
             eval_envs = make_envs(args.env_id, args.eval_seeds or env_seeds, args.image_size, agent.with_image)
 
-            def policy(obs: dict) -> np.ndarray:
+            def policy(obs: dict, infos: dict) -> np.ndarray:
                 with torch.no_grad():
                     scores, _ = agent.scores_and_value(*agent.observe(obs))
                 return (scores.argmax(-1) if mode == "greedy" else Categorical(logits=scores).sample()).cpu().numpy()

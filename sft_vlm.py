@@ -125,8 +125,10 @@ def check_args(args: Args) -> None:
     if min(args.eval_episodes, args.eval_freq, args.lora_r) < 0 or not args.learning_rate > 0:
         raise SystemExit("--eval-episodes, --eval-freq and --lora-r must be >= 0, and --learning-rate > 0.")
     if args.demo_seed < args.eval_episodes:
-        raise SystemExit(f"--demo-seed {args.demo_seed} overlaps the evaluation seeds 0..{args.eval_episodes - 1}: "
-                         "raise it, so the evaluation is held out.")
+        raise SystemExit(
+            f"--demo-seed {args.demo_seed} overlaps the evaluation seeds 0..{args.eval_episodes - 1}: "
+            "raise it, so the evaluation is held out."
+        )
     if args.load_in_4bit and args.lora_r == 0:
         raise SystemExit("--load-in-4bit freezes the base model, so it needs LoRA: pass --lora-r > 0.")
     if args.format == "cot" and not args.temperature > 0:
@@ -140,8 +142,9 @@ def make_env(args: Args, seed: int) -> Callable[[], gym.Env]:
     return cot.make_env(args.env_id, seed)
 
 
-def cot_answer(env_id: str, action_names: Sequence[str], obs: dict, info: dict, expert: int, action: int,
-               with_thoughts: bool) -> str:
+def cot_answer(
+    env_id: str, action_names: Sequence[str], obs: dict, info: dict, expert: int, action: int, with_thoughts: bool
+) -> str:
     """The JSON answer of ppo_vlm_cot.py's prompt, its thoughts written from the true state (which way the expert
     goes), its action the one taken (a noisy step's random action)."""
     fields: dict[str, str] = {}
@@ -182,8 +185,9 @@ def collect_demos(args: Args, action_names: Sequence[str], rng: np.random.Genera
             if args.format == "likelihood":
                 demos.append(Demo(obs["text"], obs["image"], action, ""))
             else:
-                text = cot.task_prompt(args.env_id, action_names, obs["mission"], obs["text"], info.get("formula", ""),
-                                       args.cot)
+                text = cot.task_prompt(
+                    args.env_id, action_names, obs["mission"], obs["text"], info.get("formula", ""), args.cot
+                )
                 answer = cot_answer(args.env_id, action_names, obs, info, expert, action, args.cot)
                 demos.append(Demo(text, obs["image"], action, answer))
             obs, _, terminated, truncated, info = env.step(action)
@@ -203,8 +207,9 @@ def answer_output(tokenizer: object, answers: Sequence[str], end_id: int, device
     return cot.Output(ids, mask, starts)
 
 
-def sft_loss(args: Args, model: nn.Module, processor: object, agent: likelihood.Agent | None,
-             batch: Sequence[Demo]) -> torch.Tensor:
+def sft_loss(
+    args: Args, model: nn.Module, processor: object, agent: likelihood.Agent | None, batch: Sequence[Demo]
+) -> torch.Tensor:
     """Mean negative log-likelihood of the demonstrated action prompt (likelihood) or answer (cot) tokens."""
     images = np.stack([d.image for d in batch])
     if args.format == "likelihood":
@@ -223,17 +228,24 @@ def sft_loss(args: Args, model: nn.Module, processor: object, agent: likelihood.
 def end_token_id(model: nn.Module, processor: object) -> int:
     """The token that ends an answer: the model's own end token (SmolVLM: <end_of_utterance>), else the tokenizer's."""
     ends = model.generation_config.eos_token_id
-    return (ends if isinstance(ends, int) else (ends or [processor.tokenizer.eos_token_id])[0])
+    return ends if isinstance(ends, int) else (ends or [processor.tokenizer.eos_token_id])[0]
 
 
-def evaluate_policy(args: Args, model: nn.Module, processor: object, agent: likelihood.Agent | None,
-                    action_names: list[str], greedy: bool) -> tuple[float, float]:
+def evaluate_policy(
+    args: Args,
+    model: nn.Module,
+    processor: object,
+    agent: likelihood.Agent | None,
+    action_names: list[str],
+    greedy: bool,
+) -> tuple[float, float]:
     """Held-out success rate (env seeds 0 .. N-1, one episode each) and, for cot, the rate of unparsed outputs."""
-    envs = gym.vector.SyncVectorEnv([make_env(args, seed) for seed in range(args.eval_episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args, seed) for seed in range(args.eval_episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     invalid: list[bool] = []
 
-    def likelihood_policy(obs: dict) -> np.ndarray:
+    def likelihood_policy(obs: dict, infos: dict) -> np.ndarray:
         with torch.no_grad():
             scores, _ = agent.scores_and_value(*agent.observe(obs))
         return (scores.argmax(-1) if greedy else torch.distributions.Categorical(logits=scores).sample()).numpy()
@@ -241,10 +253,12 @@ def evaluate_policy(args: Args, model: nn.Module, processor: object, agent: like
     def cot_policy(obs: dict, infos: dict) -> np.ndarray:
         _, prompts, images = cot.observation_prompts(obs, infos, args.env_id, processor, action_names, args.cot)
         with torch.no_grad():
-            ids, mask, _, _ = cot.generate(model, processor, prompts, images, 0.0 if greedy else args.temperature,
-                                           args.max_new_tokens)
-        actions, valid = cot.env_actions([cot.split_output(processor.tokenizer, row[m].tolist())[0]
-                                          for row, m in zip(ids, mask)], action_names)
+            ids, mask, _, _ = cot.generate(
+                model, processor, prompts, images, 0.0 if greedy else args.temperature, args.max_new_tokens
+            )
+        actions, valid = cot.env_actions(
+            [cot.split_output(processor.tokenizer, row[m].tolist())[0] for row, m in zip(ids, mask)], action_names
+        )
         invalid.extend(~valid)
         return actions.numpy()
 
@@ -283,8 +297,11 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)
 
     # env and model setup: everything that can fail on a bad flag happens before a run directory exists
-    action_names = likelihood.env_action_names(args.env_id) if args.format == "likelihood" else \
-        list(cot.make_envs(args.env_id, [0]).get_attr("action_names")[0])
+    action_names = (
+        likelihood.env_action_names(args.env_id)
+        if args.format == "likelihood"
+        else list(cot.make_envs(args.env_id, [0]).get_attr("action_names")[0])
+    )
     source, _ = (likelihood if args.format == "likelihood" else cot).resolve_model_source(args.model_id)
     if args.format == "likelihood":
         model, processor, reads_images = likelihood.load_base_model(source, args.load_in_4bit, device)
@@ -293,27 +310,44 @@ if __name__ == "__main__":
     likelihood.configure_image_processor(model, processor, args.image_splitting)
     if args.lora_r > 0:
         model = (likelihood if args.format == "likelihood" else cot).add_lora(
-            model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+            model, args.lora_r, args.lora_alpha, args.lora_target_modules
+        )
     model.eval()  # no dropout: the model is trained as the PPO scripts will score it
     agent = None
     if args.format == "likelihood":
-        agent = likelihood.Agent(model, processor, action_names, likelihood.state_template(args.env_id),
-                                 likelihood.ACTION_TEMPLATE, args.reduction, with_image=reads_images)
+        agent = likelihood.Agent(
+            model,
+            processor,
+            action_names,
+            likelihood.state_template(args.env_id),
+            likelihood.ACTION_TEMPLATE,
+            args.reduction,
+            with_image=reads_images,
+        )
 
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    )
 
     demos, demo_success = collect_demos(args, action_names, rng)
     writer.add_scalar("sft/demonstrator_success_rate", demo_success, 0)
     writer.add_scalar("sft/demonstration_steps", len(demos), 0)
-    print(f"{len(demos)} demonstration steps from {args.num_demos} episodes of the expert with noise "
-          f"{args.expert_noise} (success {demo_success:.2f}); source: {source}")
+    print(
+        f"{len(demos)} demonstration steps from {args.num_demos} episodes of the expert with noise "
+        f"{args.expert_noise} (success {demo_success:.2f}); source: {source}"
+    )
 
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA, or every weight with --lora-r 0
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
@@ -327,15 +361,18 @@ if __name__ == "__main__":
             writer.add_scalar(f"eval/{mode}_success_rate", success, step)
             if args.format == "cot":
                 writer.add_scalar(f"eval/{mode}_invalid_action_rate", invalid, step)
-            print(f"eval {mode} ({source}, {args.eval_episodes} held-out episodes): success_rate={success:.2f}"
-                  + (f" invalid={invalid:.2f}" if args.format == "cot" else ""), flush=True)
+            print(
+                f"eval {mode} ({source}, {args.eval_episodes} held-out episodes): success_rate={success:.2f}"
+                + (f" invalid={invalid:.2f}" if args.format == "cot" else ""),
+                flush=True,
+            )
 
     start_time, global_step = time.time(), 0
     progress = tqdm(total=total_steps, desc="SFT steps")
     for epoch in range(1, args.num_epochs + 1):
         order = rng.permutation(len(demos))
         for start in range(0, len(demos), args.batch_size):
-            batch = [demos[i] for i in order[start:start + args.batch_size]]
+            batch = [demos[i] for i in order[start : start + args.batch_size]]
             loss = sft_loss(args, model, processor, agent, batch)
             optimizer.zero_grad()
             loss.backward()

@@ -100,8 +100,13 @@ def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> gym.Env:
         raise ValueError(f"The macro action set exists for MiniGrid / BabyAI envs only, not {env_id!r}.")
 
     if env_id == "FrozenLake8x8":  # the Idefics-Agent setting: a random map fixed per env instance
-        base = gym.make("FrozenLake-v1", desc=generate_random_map(size=8, seed=seed), is_slippery=False,
-                        max_episode_steps=100, **kwargs)
+        base = gym.make(
+            "FrozenLake-v1",
+            desc=generate_random_map(size=8, seed=seed),
+            is_slippery=False,
+            max_episode_steps=100,
+            **kwargs,
+        )
         env: gym.Env = FrozenLakeText(base, image_size or DEFAULT_IMAGE_SIZE, with_image)
     elif env_id.startswith("FrozenLake") and env_id in gym.registry:
         env = FrozenLakeText(gym.make(env_id, **kwargs), image_size or DEFAULT_IMAGE_SIZE, with_image)
@@ -111,7 +116,12 @@ def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> gym.Env:
             base = MacroActions(base)
         env = MiniGridText(base, image_size or DEFAULT_IMAGE_SIZE, with_image, action_set)
     elif env_id in CARD_ENVS:
-        card_env = {"NumberLine": NumberLineEnv, "EZPoints": EZPointsEnv, "Points24": Points24Env, "Blackjack": BlackjackEnv}
+        card_env = {
+            "NumberLine": NumberLineEnv,
+            "EZPoints": EZPointsEnv,
+            "Points24": Points24Env,
+            "Blackjack": BlackjackEnv,
+        }
         env = card_env[env_id](image_size=image_size or DEFAULT_CARD_IMAGE_SIZE, with_image=with_image, **kwargs)
     else:
         raise ValueError(
@@ -189,23 +199,26 @@ class FrozenLakeText(gym.Wrapper):
                 if grid[r, c] in "HG":
                     tile[disc] = FROZENLAKE_COLORS[grid[r, c]]
                 tile[0, :] = tile[:, 0] = (120, 150, 180)  # grid lines
-                img[r * t:(r + 1) * t, c * t:(c + 1) * t] = tile
+                img[r * t : (r + 1) * t, c * t : (c + 1) * t] = tile
         return img
 
     def _render(self) -> np.ndarray:
         if self._background is None:
             self._background = self._draw_background()
-            yy, xx = np.mgrid[0:self.tile, 0:self.tile]
+            yy, xx = np.mgrid[0 : self.tile, 0 : self.tile]
             self._agent_mask = np.abs(yy - self.tile / 2 + 0.5) + np.abs(xx - self.tile / 2 + 0.5) <= 0.3 * self.tile
         t, (r, c) = self.tile, self._pos()
         img = self._background.copy()
-        img[r * t:(r + 1) * t, c * t:(c + 1) * t][self._agent_mask] = (220, 30, 30)
+        img[r * t : (r + 1) * t, c * t : (c + 1) * t][self._agent_mask] = (220, 30, 30)
         return img
 
     def describe(self) -> str:
         """Position, neighbouring holes and edges, and where the goal lies."""
         grid, (r, c) = self.grid, self._pos()
-        text = f"You are on row {r + 1}, column {c + 1} of the {self.rows}x{self.cols} frozen lake (row 1 is the north edge, column 1 the west edge)."
+        text = (
+            f"You are on row {r + 1}, column {c + 1} of the {self.rows}x{self.cols} frozen lake "
+            "(row 1 is the north edge, column 1 the west edge)."
+        )
         holes, edges = [], []
         for name, (dr, dc) in zip(["west", "south", "east", "north"], FROZENLAKE_MOVES):
             rr, cc = r + dr, c + dc
@@ -217,7 +230,9 @@ class FrozenLakeText(gym.Wrapper):
             text += " You fell into a hole."
         elif grid[r, c] == "G":
             text += " You are on the goal."
-        text += " There is a hole to the " + " and to the ".join(holes) + "." if holes else " There is no hole next to you."
+        text += (
+            " There is a hole to the " + " and to the ".join(holes) + "." if holes else " There is no hole next to you."
+        )
         if edges:
             text += " The edge of the lake is to the " + " and to the ".join(edges) + "."
         gr, gc = self.goal
@@ -323,7 +338,11 @@ def describe_view(view: np.ndarray, direction: int, mission: str) -> str:
             if (i, j) == (ax, ay) or IDX_TO_OBJECT[obj] in ("unseen", "empty", "wall", "lava", "floor", "agent"):
                 continue
             sentences.append(f"You see {_name_cell(*view[i, j])} {_relative_position(ay - j, i - ax)}.")
-    for (i, j), where in [((ax, ay - 1), "in front of you"), ((ax - 1, ay), "on your left"), ((ax + 1, ay), "on your right")]:
+    for (i, j), where in [
+        ((ax, ay - 1), "in front of you"),
+        ((ax - 1, ay), "on your left"),
+        ((ax + 1, ay), "on your right"),
+    ]:
         kind = IDX_TO_OBJECT[int(view[i, j, 0])]
         if kind in ("wall", "lava"):
             sentences.append(f"There is {'a wall' if kind == 'wall' else 'lava'} {where}.")
@@ -372,19 +391,25 @@ class MiniGridText(gym.Wrapper):
         object was replaced or removed, the agent's old and new cells, and the cells it faced before and after
         (the only place where an object changes in place: a door it opens or closes)."""
         u, t = self.env.unwrapped, self.tile
-        objects, agent, front = list(u.grid.grid), (tuple(map(int, u.agent_pos)), int(u.agent_dir)), tuple(map(int, u.front_pos))
+        objects, agent, front = (
+            list(u.grid.grid),
+            (tuple(map(int, u.agent_pos)), int(u.agent_dir)),
+            tuple(map(int, u.front_pos)),
+        )
         last = self._last_frame
         if last is None or last["grid"] is not u.grid:  # a new episode: every cell
             img = np.empty((u.height * t, u.width * t, 3), np.uint8)
             cells = {(i, j) for j in range(u.height) for i in range(u.width)}
         else:
             img = last["image"].copy()
-            cells = {(k % u.width, k // u.width) for k, (a, b) in enumerate(zip(objects, last["objects"])) if a is not b}
+            cells = {
+                (k % u.width, k // u.width) for k, (a, b) in enumerate(zip(objects, last["objects"])) if a is not b
+            }
             cells |= {last["agent"][0], agent[0], last["front"], front}
         for i, j in cells:
             if 0 <= i < u.width and 0 <= j < u.height:
                 agent_dir = agent[1] if (i, j) == agent[0] else None
-                img[j * t:(j + 1) * t, i * t:(i + 1) * t] = Grid.render_tile(u.grid.get(i, j), agent_dir, False, t)
+                img[j * t : (j + 1) * t, i * t : (i + 1) * t] = Grid.render_tile(u.grid.get(i, j), agent_dir, False, t)
         self._last_frame = {"grid": u.grid, "image": img, "objects": objects, "agent": agent, "front": front}
         return img
 
@@ -465,7 +490,13 @@ def _plan(u: MiniGridEnv, done: Callable[[Cell, int], bool], macro: bool, open_d
                 action = first[nxt]
                 front = u.front_pos
                 cell = u.grid.get(*front)
-                if not macro and action == u.actions.forward and cell is not None and cell.type == "door" and not cell.is_open:
+                if (
+                    not macro
+                    and action == u.actions.forward
+                    and cell is not None
+                    and cell.type == "door"
+                    and not cell.is_open
+                ):
                     return int(u.actions.toggle)  # open the closed door in the way
                 return int(action)
             queue.append(nxt)
@@ -540,7 +571,8 @@ def minigrid_expert_action(u: MiniGridEnv, macro: bool = False) -> int:
 # GymCards: NumberLine, EZPoints, Points24, Blackjack
 # ---------------------------------------------------------------------------------------------
 # The four card games of RL4VLM (Zhai et al. 2024).  NumberLine, EZPoints, Points24 and Blackjack
-# follow the paper and its released gym-cards code, with these choices where the rules leave room (or where the released code had defects):
+# follow the paper and its released gym-cards code, with these choices where the rules leave room (or where the
+# released code had defects):
 #   - All randomness comes from `self.np_random`, so one seed gives one episode (images included).
 #   - Formulas are read by a small exact parser (Fractions, + - * / with precedence and parentheses);
 #     numbers are binary-operator operands only: no unary minus, no '**', no digit concatenation
@@ -690,8 +722,13 @@ def _formula_level_values(vals: tuple, ops: tuple, numbers: tuple[int, ...], ope
     operand; the rest of the level uses exactly `numbers` (non-empty), parentheses allowed."""
     mul = bool(ops) and ops[-1] in "*/"
     if not mul:  # "" or "A +": the rest is one expression x
-        return set(_formula_values(numbers, operators)) if not ops else \
-            {v for x in _formula_values(numbers, operators) if (v := _formula_apply(ops[0], vals[0], x)) is not None}
+        return (
+            set(_formula_values(numbers, operators))
+            if not ops
+            else {
+                v for x in _formula_values(numbers, operators) if (v := _formula_apply(ops[0], vals[0], x)) is not None
+            }
+        )
     m, mop = vals[-1], ops[-1]  # "M *" or "A + M *": the term goes on with x, then maybe +/- y
     head = (vals[0], ops[0]) if len(ops) == 2 else None
     out: set[Fraction] = set()
@@ -746,7 +783,7 @@ def _formula_feasible(state: tuple, remaining: tuple[int, ...], target: int, ope
     level_vals, i = [], 0
     for k, level_ops in enumerate(levels):
         n = len(level_ops) + (1 if k == len(levels) - 1 and not expect_operand else 0)
-        level_vals.append(vals[i:i + n])
+        level_vals.append(vals[i : i + n])
         i += n
     inner_vals, inner_ops = level_vals[-1], tuple(levels[-1])
     table: dict[tuple[int, ...], set] = {}
@@ -770,14 +807,16 @@ def _formula_feasible(state: tuple, remaining: tuple[int, ...], target: int, ope
                     continue
                 key = tuple(sorted(used + part))
                 new.setdefault(key, set()).update(
-                    _formula_level_after(level_vals[k], tuple(levels[k]), operands, part, operators))
+                    _formula_level_after(level_vals[k], tuple(levels[k]), operands, part, operators)
+                )
         table = new
     return target in table.get(remaining, ())
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _formula_complete(state: tuple, remaining: tuple[int, ...], budget: int, target: int,
-                      operators: str, parens: bool) -> tuple[str, ...] | None:
+def _formula_complete(
+    state: tuple, remaining: tuple[int, ...], budget: int, target: int, operators: str, parens: bool
+) -> tuple[str, ...] | None:
     """Tokens that turn the partial formula `state` into one equal to `target` using exactly the
     `remaining` numbers (sorted), in at most `budget` more tokens; () when it already is; None if none.
     A depth-first search over tokens, pruned by length and by the exact value sets of
@@ -797,7 +836,7 @@ def _formula_complete(state: tuple, remaining: tuple[int, ...], budget: int, tar
     if expect_operand:
         for i, v in enumerate(remaining):
             if i == 0 or v != remaining[i - 1]:
-                moves.append((str(v), remaining[:i] + remaining[i + 1:]))
+                moves.append((str(v), remaining[:i] + remaining[i + 1 :]))
         if parens and n >= 2 and needed + 2 <= budget:  # a new '(' must enclose an operation
             moves.append(("(", remaining))
     else:
@@ -820,8 +859,9 @@ def formula_solvable(values: list[int], target: int, operators: str) -> bool:
     return Fraction(target) in _formula_values(tuple(sorted(values)), operators)
 
 
-def solve_formula(values: list[int], prefix: list[str], target: int, operators: str, parens: bool,
-                  max_tokens: int) -> list[str] | None:
+def solve_formula(
+    values: list[int], prefix: list[str], target: int, operators: str, parens: bool, max_tokens: int
+) -> list[str] | None:
     """A completion of `prefix` into a formula of at most `max_tokens` tokens that uses each of
     `values` exactly once and equals `target` ([] if `prefix` already is one), or None if none exists."""
     remaining = list(values)
@@ -861,6 +901,7 @@ def _card_font(size: float) -> ImageFont.FreeTypeFont:
 
 def _draw_suit(draw: ImageDraw.ImageDraw, suit: int, cx: float, cy: float, r: float, color: tuple) -> None:
     """Suit 0 clubs, 1 diamonds, 2 hearts, 3 spades, drawn as shapes of radius about `r`."""
+
     def disc(x: float, y: float, rad: float) -> None:
         draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=color)
 
@@ -906,15 +947,17 @@ def card_sprite(rank: int, suit: int, width: int, height: int) -> np.ndarray:
         draw.rounded_rectangle([0, 0, width - 1, height - 1], radius, outline=(60, 60, 60))
     else:
         color = (200, 20, 30) if suit in (1, 2) else (20, 20, 20)
-        draw.rounded_rectangle([0, 0, width - 1, height - 1], radius, fill=(255, 255, 255), outline=(60, 60, 60),
-                               width=max(1, width // 60))
+        draw.rounded_rectangle(
+            [0, 0, width - 1, height - 1], radius, fill=(255, 255, 255), outline=(60, 60, 60), width=max(1, width // 60)
+        )
         name = CARD_RANK_NAMES[rank]
         corner = _card_font(0.2 * width)
         draw.text((0.06 * width, 0.04 * height), name, fill=color, font=corner)
         _draw_suit(draw, suit, 0.06 * width + 0.09 * width, 0.04 * height + 0.27 * width, 0.08 * width, color)
         if rank > 10:  # a frame marks the face cards
-            draw.rectangle([0.24 * width, 0.22 * height, 0.76 * width, 0.84 * height], outline=color,
-                           width=max(1, width // 40))
+            draw.rectangle(
+                [0.24 * width, 0.22 * height, 0.76 * width, 0.84 * height], outline=color, width=max(1, width // 40)
+            )
         big = _card_font((0.36 if len(name) > 1 else 0.46) * width)
         draw.text((0.5 * width, 0.48 * height), name, fill=color, font=big, anchor="mm")
         _draw_suit(draw, suit, 0.5 * width, 0.7 * height, 0.09 * width, color)
@@ -952,7 +995,7 @@ def _place(image: np.ndarray, sprite: np.ndarray, x: int, y: int) -> None:
     """Copy `sprite` into `image` with its top left at (x, y), clipped to the image."""
     h, w = min(sprite.shape[0], image.shape[0] - y), min(sprite.shape[1], image.shape[1] - x)
     if h > 0 and w > 0:
-        image[y:y + h, x:x + w] = sprite[:h, :w]
+        image[y : y + h, x : x + w] = sprite[:h, :w]
 
 
 def _blit_text(image: np.ndarray, mask: np.ndarray, x: int, y: int, color: tuple) -> None:
@@ -961,7 +1004,7 @@ def _blit_text(image: np.ndarray, mask: np.ndarray, x: int, y: int, color: tuple
     w = min(mask.shape[1], image.shape[1] - x)
     if h <= 0 or w <= 0:
         return
-    region = image[y:y + h, x:x + w]
+    region = image[y : y + h, x : x + w]
     alpha = mask[:h, :w]
     region[:] = (region * (1.0 - alpha) + np.asarray(color, np.float32) * alpha + 0.5).astype(np.uint8)
 
@@ -1147,13 +1190,17 @@ class _FormulaCardEnv(_CardTableEnv):
         return self._obs(), reward, terminated, truncated, self._info()
 
     def _info(self) -> dict:
-        return {"success": self.success, "cards": [CARD_RANK_NAMES[r] for r in self.ranks],
-                "numbers": list(self.values), "formula": formula_text(self.formula)}
+        return {
+            "success": self.success,
+            "cards": [CARD_RANK_NAMES[r] for r in self.ranks],
+            "numbers": list(self.values),
+            "formula": formula_text(self.formula),
+        }
 
     def _state(self) -> np.ndarray:
         state = np.zeros(self.n_cards + self.max_tokens, np.int64)
         state[: self.n_cards] = self.values
-        state[self.n_cards: self.n_cards + len(self.formula)] = [self.action_names.index(t) + 1 for t in self.formula]
+        state[self.n_cards : self.n_cards + len(self.formula)] = [self.action_names.index(t) + 1 for t in self.formula]
         return state
 
     def describe(self) -> str:
@@ -1173,8 +1220,9 @@ class _FormulaCardEnv(_CardTableEnv):
         gap = (s - self.n_cards * w) / (self.n_cards + 1)
         for i, (rank, suit) in enumerate(zip(self.ranks, self.suits, strict=True)):
             _place(table, card_sprite(rank, suit, w, h), int(gap + i * (w + gap)), int(0.07 * s))
-        _blit_text(table, _text_mask("Formula:", self._font_size()), int(0.05 * s), int(self.formula_top * s),
-                   (255, 255, 255))
+        _blit_text(
+            table, _text_mask("Formula:", self._font_size()), int(0.05 * s), int(self.formula_top * s), (255, 255, 255)
+        )
         return table
 
     def _font_size(self) -> int:
@@ -1253,8 +1301,9 @@ class Points24Env(_FormulaCardEnv):
     max_steps = 40
     card_width = 0.2
     formula_top = 0.47
-    mission = ("use all four cards once each with + - * / and parentheses to write a formula equal to 24, "
-               "then choose '='")
+    mission = (
+        "use all four cards once each with + - * / and parentheses to write a formula equal to 24, then choose '='"
+    )
 
     def __init__(self, image_size: int = 300, with_image: bool = True):
         super().__init__(image_size, with_image)
@@ -1279,8 +1328,10 @@ class BlackjackEnv(_CardTableEnv):
     State: [player total, dealer's showing card value (ace 1), usable ace].
     """
 
-    mission = ("beat the dealer: get a card total closer to 21 than the dealer's without going over 21 "
-               "(J, Q and K count as 10, an ace as 1 or 11)")
+    mission = (
+        "beat the dealer: get a card total closer to 21 than the dealer's without going over 21 "
+        "(J, Q and K count as 10, an ace as 1 or 11)"
+    )
 
     def __init__(self, image_size: int = 300, with_image: bool = True):
         super().__init__(["stand", "hit"], gym.spaces.Box(0, 31, (3,), np.int64), image_size, with_image)
@@ -1332,8 +1383,11 @@ class BlackjackEnv(_CardTableEnv):
         return self._obs(), reward, terminated, False, self._info()
 
     def _info(self) -> dict:
-        return {"success": self.success, "player": [CARD_RANK_NAMES[r] for r in self._ranks(self.player)],
-                "dealer": [CARD_RANK_NAMES[r] for r in self._ranks(self.dealer)]}
+        return {
+            "success": self.success,
+            "player": [CARD_RANK_NAMES[r] for r in self._ranks(self.player)],
+            "dealer": [CARD_RANK_NAMES[r] for r in self._ranks(self.dealer)],
+        }
 
     def _state(self) -> np.ndarray:
         total, usable = blackjack_total(self._ranks(self.player))
@@ -1347,8 +1401,10 @@ class BlackjackEnv(_CardTableEnv):
         if self.done:
             dealer_total = blackjack_total(dealer_ranks)[0]
             text += " You went bust." if self.outcome == "bust" else " You stood."
-            text += (f" The dealer's cards are {_card_list([CARD_RANK_NAMES[r] for r in dealer_ranks])}"
-                     f" (total {dealer_total}{', bust' if dealer_total > 21 else ''}).")
+            text += (
+                f" The dealer's cards are {_card_list([CARD_RANK_NAMES[r] for r in dealer_ranks])}"
+                f" (total {dealer_total}{', bust' if dealer_total > 21 else ''})."
+            )
             text += {"win": " You win.", "draw": " It is a draw."}.get(self.outcome, " You lose.")
         else:
             text += f" The dealer shows {CARD_RANK_NAMES[dealer_ranks[0]]}."
@@ -1363,8 +1419,11 @@ class BlackjackEnv(_CardTableEnv):
         dealer_ranks, player_ranks = self._ranks(self.dealer), self._ranks(self.player)
         dealer_cards = self.dealer if self.done else [self.dealer[0], (0, 0)]  # (0, 0): the hole card's back
         player_total, dealer_total = blackjack_total(player_ranks)[0], blackjack_total(dealer_ranks)[0]
-        dealer_label = f"Dealer: {dealer_total}{' (bust)' if dealer_total > 21 else ''}" if self.done else \
-            f"Dealer shows {CARD_RANK_NAMES[dealer_ranks[0]]}"
+        dealer_label = (
+            f"Dealer: {dealer_total}{' (bust)' if dealer_total > 21 else ''}"
+            if self.done
+            else f"Dealer shows {CARD_RANK_NAMES[dealer_ranks[0]]}"
+        )
         player_label = f"Player: {player_total}{' (bust)' if player_total > 21 else ''}"
         rows = [(dealer_label, dealer_cards, 0.02), (player_label, self.player, 0.48)]
         for label, cards, top in rows:

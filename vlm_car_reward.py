@@ -35,8 +35,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 import text_envs
 from car_coders import DEFAULT_MODEL_ID, CoderUnavailable, HFCoder, OpenAICoder, load_coder_model
-from car_sandbox import NEVER_DONE, Sandbox, UnsafeCodeError, confinement_problem, load_checker, load_programs
-from car_sandbox import save_programs
+from car_sandbox import (
+    NEVER_DONE,
+    Sandbox,
+    UnsafeCodeError,
+    confinement_problem,
+    load_checker,
+    load_programs,
+    save_programs,
+)
 
 ALGORITHM = "vlm_car_reward"
 # flags that fix the envs, the frames the programs read and the network: a checkpoint resumes only with the same values
@@ -74,7 +81,8 @@ class Args:
     """the id of the environment: a text_envs grid env's short id or a full MiniGrid-*/BabyAI-* id"""
     # stages 1 to 3: the coder writes the reward programs, verification accepts them
     coder: str = f"hf:{DEFAULT_MODEL_ID}"
-    """the VLM that writes the programs: hf:<hub id or directory> (a local VLM) or openai:<model> (see --coder-base-url)"""
+    """the VLM that writes the programs: hf:<hub id or directory> (a local VLM) or openai:<model> (see
+    --coder-base-url)"""
     coder_base_url: str | None = None
     """the OpenAI-compatible server of an openai: coder, e.g. http://localhost:8000/v1"""
     coder_api_key_env: str = "OPENAI_API_KEY"
@@ -184,7 +192,8 @@ def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.
 
 
 class Agent(nn.Module):
-    """ppo_cnn_baseline's agent for a symbolic grid: rl-starter-files' convs, actor and critic heads of 64 tanh units."""
+    """ppo_cnn_baseline's agent for a symbolic grid: rl-starter-files' convs, actor and critic heads of 64 tanh
+    units."""
 
     def __init__(self, envs: gym.vector.VectorEnv):
         super().__init__()
@@ -273,8 +282,15 @@ def build_coder(args: Args, device: torch.device) -> Callable[[str, Sequence[np.
     """The coder that --coder names: a callable from a prompt and images to its reply."""
     kind, name = coder_kind(args.coder), args.coder.partition(":")[2]
     if kind == "openai":
-        return OpenAICoder(name, args.coder_base_url, os.environ.get(args.coder_api_key_env), args.max_new_tokens,
-                           args.coder_timeout, args.coder_retries, args.coder_backoff)
+        return OpenAICoder(
+            name,
+            args.coder_base_url,
+            os.environ.get(args.coder_api_key_env),
+            args.max_new_tokens,
+            args.coder_timeout,
+            args.coder_retries,
+            args.coder_backoff,
+        )
     model, processor = load_coder_model(name, device)
     return HFCoder(model, processor, args.max_new_tokens)
 
@@ -302,8 +318,14 @@ def parse_subtasks(text: str) -> list[str]:
     return [item for item in items if item]
 
 
-def list_subtasks(coder: Callable[[str, Sequence[np.ndarray]], str], mission: str, first: np.ndarray,
-                  last: np.ndarray, attempts: int, log: Callable[[str], None]) -> list[str]:
+def list_subtasks(
+    coder: Callable[[str, Sequence[np.ndarray]], str],
+    mission: str,
+    first: np.ndarray,
+    last: np.ndarray,
+    attempts: int,
+    log: Callable[[str], None],
+) -> list[str]:
     """Stage 1: the sub-tasks that the coder lists from the first and the last frame of an expert episode, asked up
     to `attempts` times for a numbered list."""
     reply = ""
@@ -313,8 +335,10 @@ def list_subtasks(coder: Callable[[str, Sequence[np.ndarray]], str], mission: st
         log(f"stage 1, attempt {attempt + 1}: sub-tasks {subtasks}")
         if subtasks:
             return subtasks
-    raise NoPrograms(f"The coder listed no sub-tasks (a numbered list) in {attempts} attempt(s), so there are no "
-                     f"reward programs (its last reply began {reply[:80]!r})")
+    raise NoPrograms(
+        f"The coder listed no sub-tasks (a numbered list) in {attempts} attempt(s), so there are no "
+        f"reward programs (its last reply began {reply[:80]!r})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,16 +372,32 @@ FEEDBACK_PROMPT = (
 )
 
 
-def program_prompt(mission: str, subtasks: Sequence[str], k: int, checker_input: str, frame_shape: tuple[int, ...],
-                   grid: tuple[int, int], tile: int) -> str:
+def program_prompt(
+    mission: str,
+    subtasks: Sequence[str],
+    k: int,
+    checker_input: str,
+    frame_shape: tuple[int, ...],
+    grid: tuple[int, int],
+    tile: int,
+) -> str:
     """The stage-2 prompt for sub-task k: the task, all sub-tasks, and what `frame` holds."""
     if checker_input == "frame":
         colours = ", ".join(f"{name} {tuple(int(v) for v in rgb)}" for name, rgb in COLORS.items())
-        described = FRAME_INPUT.format(height=frame_shape[0], width=frame_shape[1], cols=grid[0], rows=grid[1],
-                                       tile=tile, grey=tuple(int(v) for v in COLORS["grey"]), colours=colours)
+        described = FRAME_INPUT.format(
+            height=frame_shape[0],
+            width=frame_shape[1],
+            cols=grid[0],
+            rows=grid[1],
+            tile=tile,
+            grey=tuple(int(v) for v in COLORS["grey"]),
+            colours=colours,
+        )
     else:
-        described = STATE_INPUT.format(objects=", ".join(f"{i} {name}" for name, i in OBJECT_TO_IDX.items()),
-                                       colours=", ".join(f"{i} {name}" for name, i in COLOR_TO_IDX.items()))
+        described = STATE_INPUT.format(
+            objects=", ".join(f"{i} {name}" for name, i in OBJECT_TO_IDX.items()),
+            colours=", ".join(f"{i} {name}" for name, i in COLOR_TO_IDX.items()),
+        )
     listed = "\n".join(f"{i + 1}. {subtask}" for i, subtask in enumerate(subtasks))
     return PROGRAM_PROMPT.format(mission=mission, subtasks=listed, k=k + 1, subtask=subtasks[k], input=described)
 
@@ -442,12 +482,21 @@ class Verification(NamedTuple):
 
 def start_sandbox(programs: Sequence[str], args: Args) -> Sandbox:
     """A worker for the programs, with the OS layer required unless --accept-unconfined-programs."""
-    return Sandbox(programs, args.checker_timeout, args.checker_memory_mb,
-                   "prefer" if args.accept_unconfined_programs else "require")
+    return Sandbox(
+        programs,
+        args.checker_timeout,
+        args.checker_memory_mb,
+        "prefer" if args.accept_unconfined_programs else "require",
+    )
 
 
-def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[np.ndarray], random_play: Sequence[np.ndarray],
-           load_errors: Sequence[str | None]) -> Verification:
+def verify(
+    sandbox: Sandbox,
+    subtasks: Sequence[str],
+    expert: Sequence[np.ndarray],
+    random_play: Sequence[np.ndarray],
+    load_errors: Sequence[str | None],
+) -> Verification:
     """SPEC §4's test: every expert trajectory completes every sub-task in order, and at most 10% of random
     trajectories complete two or more. Ours on top: no sub-task is complete in an episode's first frame (an
     always-true program next to good ones would otherwise pass)."""
@@ -464,22 +513,34 @@ def verify(sandbox: Sandbox, subtasks: Sequence[str], expert: Sequence[np.ndarra
         failing[0] = f"it is already True in the first frame of {at_start} episodes, before the agent did anything"
     first_missed = next((k for k in range(n) if expert_completed[k] < len(expert)), None)
     if first_missed is not None and first_missed not in failing:
-        failing[first_missed] = (f"the expert completed sub-task {first_missed + 1} in only "
-                                 f"{expert_completed[first_missed]} of {len(expert)} trajectories (needs all)")
+        failing[first_missed] = (
+            f"the expert completed sub-task {first_missed + 1} in only "
+            f"{expert_completed[first_missed]} of {len(expert)} trajectories (needs all)"
+        )
     if random_two_or_more > allowed:
         for k in range(1, n):
             if random_completed[k] > allowed and k not in failing:
-                failing[k] = (f"random play completed it (after the sub-tasks before it) in {random_completed[k]} of "
-                              f"{len(random_play)} random trajectories (at most {allowed} may complete two or more)")
-    summary = (f"expert completed {expert_completed} of {len(expert)}, random completed {random_completed} of "
-               f"{len(random_play)} (two or more: {random_two_or_more}, allowed {allowed}), checker errors "
-               f"{sandbox.errors}")
+                failing[k] = (
+                    f"random play completed it (after the sub-tasks before it) in {random_completed[k]} of "
+                    f"{len(random_play)} random trajectories (at most {allowed} may complete two or more)"
+                )
+    summary = (
+        f"expert completed {expert_completed} of {len(expert)}, random completed {random_completed} of "
+        f"{len(random_play)} (two or more: {random_two_or_more}, allowed {allowed}), checker errors "
+        f"{sandbox.errors}"
+    )
     return Verification(not failing, failing, summary, expert_completed, random_completed, random_two_or_more)
 
 
-def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env: gym.Env, args: Args,
-                          expert: Sequence[np.ndarray], random_play: Sequence[np.ndarray], grid: tuple[int, int],
-                          log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+def write_reward_programs(
+    coder: Callable[[str, Sequence[np.ndarray]], str],
+    env: gym.Env,
+    args: Args,
+    expert: Sequence[np.ndarray],
+    random_play: Sequence[np.ndarray],
+    grid: tuple[int, int],
+    log: Callable[[str], None],
+) -> tuple[list[str], list[str]]:
     """Stages 1 to 3: sub-tasks from the first and last frame of an expert episode, one program per sub-task, and
     rounds of verification in which the failing programs are rewritten with the failure report."""
     shown = collect_trajectory(env, VERIFY_SEED - 1, expert=True, key="image")
@@ -504,8 +565,10 @@ def write_reward_programs(coder: Callable[[str, Sequence[np.ndarray]], str], env
             return subtasks, programs
         to_write = dict(verification.failing)
     k, reason = min(verification.failing.items())
-    raise NoPrograms(f"The coder's reward programs did not pass verification in {args.max_rounds} round(s) "
-                     f"(sub-task {k + 1}, {subtasks[k]!r}: {reason})")
+    raise NoPrograms(
+        f"The coder's reward programs did not pass verification in {args.max_rounds} round(s) "
+        f"(sub-task {k + 1}, {subtasks[k]!r}: {reason})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,7 +597,9 @@ class SubtaskProgress:
 
     def submit(self, frames: np.ndarray, ended: np.ndarray) -> None:
         candidates = np.flatnonzero(self.progress < len(self.sandbox.programs))
-        sent = [(i, zlib.crc32(frame), frame) for i, frame in ((i, np.ascontiguousarray(frames[i])) for i in candidates)]
+        sent = [
+            (i, zlib.crc32(frame), frame) for i, frame in ((i, np.ascontiguousarray(frames[i])) for i in candidates)
+        ]
         sent = [(i, crc, frame) for i, crc, frame in sent if not self._seen(i, crc, frame)]
         active = np.array([i for i, _, _ in sent], dtype=np.int64)
         self.sandbox.submit(self.progress[active].tolist(), [frame[None] for _, _, frame in sent])
@@ -574,8 +639,10 @@ def grid_size(env_id: str) -> tuple[int, int]:
     except ValueError:  # an unknown id
         env = None
     if env is None or not isinstance(env.unwrapped, MiniGridEnv):
-        raise SystemExit(f"--env-id {env_id!r} is not a grid env: use one of {', '.join(text_envs.GRID_ENVS)}, "
-                         "or a full MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-8x8-v0.")
+        raise SystemExit(
+            f"--env-id {env_id!r} is not a grid env: use one of {', '.join(text_envs.GRID_ENVS)}, "
+            "or a full MiniGrid-* / BabyAI-* id such as MiniGrid-DoorKey-8x8-v0."
+        )
     env.close()
     return env.unwrapped.width, env.unwrapped.height
 
@@ -598,19 +665,24 @@ def check_args(args: Args) -> tuple[int, int]:
     if coder_writes and kind is None:
         raise SystemExit(f"--coder {args.coder!r} is not a coder: use hf:<hub id or directory> or openai:<model>.")
     if coder_writes and kind == "openai" and not args.coder_base_url:
-        raise SystemExit(f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
-                         "(e.g. http://localhost:8000/v1).")
+        raise SystemExit(
+            f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
+            "(e.g. http://localhost:8000/v1)."
+        )
     if min(args.num_expert, args.num_random, args.subtask_bonus, args.total_timesteps) < 0 or args.max_rounds < 1:
-        raise SystemExit("--num-expert, --num-random, --subtask-bonus and --total-timesteps must be >= 0 and "
-                         "--max-rounds >= 1.")
+        raise SystemExit(
+            "--num-expert, --num-random, --subtask-bonus and --total-timesteps must be >= 0 and --max-rounds >= 1."
+        )
     if coder_writes and args.num_expert < 1:
         raise SystemExit("--num-expert must be >= 1 when the coder writes the programs: verification needs experts.")
     if args.tile_size < 4 or args.checker_timeout <= 0 or args.checker_memory_mb < 256:
         raise SystemExit("--tile-size must be >= 4, --checker-timeout > 0 and --checker-memory-mb >= 256.")
     if not args.accept_unconfined_programs and (problem := confinement_problem()):
-        raise SystemExit(f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip "
-                         "install -r requirements.txt (pyseccomp, with libseccomp.so.2), or pass "
-                         "--accept-unconfined-programs to run them behind the load check and the OS limits alone.")
+        raise SystemExit(
+            f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip "
+            "install -r requirements.txt (pyseccomp, with libseccomp.so.2), or pass "
+            "--accept-unconfined-programs to run them behind the load check and the OS limits alone."
+        )
     return grid
 
 
@@ -626,7 +698,7 @@ def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, An
         # weights_only=False: a checkpoint holds the pickled envs and RNG states; load only your own files
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:  # any reason the file cannot be unpickled: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).")
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
         raise SystemExit(
@@ -656,9 +728,7 @@ def load_agent(model_path: str, device: torch.device) -> tuple[Agent, Args]:
     return agent, saved_args
 
 
-def evaluate(
-    model_path: str, eval_episodes: int, greedy: bool, device: torch.device
-) -> tuple[list[float], list[bool]]:
+def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.device) -> tuple[list[float], list[bool]]:
     """Episodic returns (the env's reward, no sub-task bonus) and successes of the saved agent, split evenly over its
     training envs, on layouts drawn from reset seeds that the training run did not use."""
     agent, args = load_agent(model_path, device)
@@ -690,7 +760,9 @@ if __name__ == "__main__":
     grid = check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
 
     # Stages 1 to 3: the reward programs, written by the coder or read back, and verified, before the run's folder
     # and its writer exist (a run whose programs fail leaves no folder)
@@ -708,8 +780,10 @@ if __name__ == "__main__":
         try:
             programs = [load_checker(program) for program in checkpoint["programs"]]
         except UnsafeCodeError as error:
-            raise SystemExit(f"--resume {args.resume} holds a reward program that is refused ({error}): resume only "
-                             "checkpoints of your own runs.") from None
+            raise SystemExit(
+                f"--resume {args.resume} holds a reward program that is refused ({error}): resume only "
+                "checkpoints of your own runs."
+            ) from None
         log(f"--resume {args.resume}: the checkpoint's programs for {subtasks or 'no sub-tasks (sparse reward)'}")
     else:
         verify_env = text_envs.make_env(args.env_id, image_size=image_size)
@@ -718,42 +792,53 @@ if __name__ == "__main__":
         except (NotImplementedError, ValueError, RuntimeError) as error:
             raise SystemExit(f"--env-id {args.env_id} has no expert to verify the programs with ({error}).") from None
         random_length = RANDOM_LENGTH * max([len(frames) - 1 for frames in expert], default=100)
-        random_play = [collect_trajectory(verify_env, VERIFY_SEED + args.num_expert + i, False, key, random_length)
-                       for i in range(args.num_random)]
+        random_play = [
+            collect_trajectory(verify_env, VERIFY_SEED + args.num_expert + i, False, key, random_length)
+            for i in range(args.num_random)
+        ]
         try:
             if args.reward_programs:
-                subtasks, programs = load_programs(args.reward_programs, full_env_id, args.checker_input,
-                                                   args.tile_size)
+                subtasks, programs = load_programs(
+                    args.reward_programs, full_env_id, args.checker_input, args.tile_size
+                )
                 with start_sandbox(programs, args) as sandbox:
                     verification = verify(sandbox, subtasks, expert, random_play, sandbox.load_errors)
                 log(f"--reward-programs {args.reward_programs}: {verification.summary}")
                 if not verification.accepted:
                     k, reason = min(verification.failing.items())
-                    raise NoPrograms(f"The programs of --reward-programs {args.reward_programs} did not pass "
-                                     f"verification (sub-task {k + 1}, {subtasks[k]!r}: {reason})")
+                    raise NoPrograms(
+                        f"The programs of --reward-programs {args.reward_programs} did not pass "
+                        f"verification (sub-task {k + 1}, {subtasks[k]!r}: {reason})"
+                    )
             else:
-                subtasks, programs = write_reward_programs(build_coder(args, device), verify_env, args, expert,
-                                                           random_play, grid, log)
+                subtasks, programs = write_reward_programs(
+                    build_coder(args, device), verify_env, args, expert, random_play, grid, log
+                )
         except CoderUnavailable as error:
-            raise SystemExit(f"The coder did not answer ({error}): check --coder-base-url, the model name and the API "
-                             f"key in ${args.coder_api_key_env}.") from None
+            raise SystemExit(
+                f"The coder did not answer ({error}): check --coder-base-url, the model name and the API "
+                f"key in ${args.coder_api_key_env}."
+            ) from None
         except NoPrograms as error:
             if args.if_unverified == "exit":
-                raise SystemExit(f"{error}; pass --if-unverified sparse to train on the env's sparse reward alone, or "
-                                 "try a stronger --coder or more --max-rounds.") from None
+                raise SystemExit(
+                    f"{error}; pass --if-unverified sparse to train on the env's sparse reward alone, or "
+                    "try a stronger --coder or more --max-rounds."
+                ) from None
             print(f"{error}; training on the env's sparse reward alone (--if-unverified sparse).", file=sys.stderr)
             subtasks, programs = [], []
         verify_env.close()
         if programs:
-            save_programs(f"runs/{run_name}/reward_programs", full_env_id, args.checker_input, args.tile_size, subtasks,
-                          programs)
+            save_programs(
+                f"runs/{run_name}/reward_programs", full_env_id, args.checker_input, args.tile_size, subtasks, programs
+            )
             log(f"reward programs for {subtasks} saved to runs/{run_name}/reward_programs")
 
     if args.track:
         try:
             import wandb
         except ImportError:
-            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
+            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.") from None
 
         wandb.init(
             project=args.wandb_project_name,
@@ -768,12 +853,18 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     writer.add_text(
         "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
-    writer.add_text("reward_programs", "\n\n".join(["    " + line for line in program_log] + [
-        f"sub-task {k + 1}: {subtask}\n\n" + "\n".join("    " + line for line in program.splitlines())
-        for k, (subtask, program) in enumerate(zip(subtasks, programs))
-    ]))
+    writer.add_text(
+        "reward_programs",
+        "\n\n".join(
+            ["    " + line for line in program_log]
+            + [
+                f"sub-task {k + 1}: {subtask}\n\n" + "\n".join("    " + line for line in program.splitlines())
+                for k, (subtask, program) in enumerate(zip(subtasks, programs))
+            ]
+        ),
+    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -991,9 +1082,7 @@ if __name__ == "__main__":
             if sandbox.messages:
                 print(f"checker errors so far: {sandbox.errors}, last: {sandbox.messages[-1]}", flush=True)
                 sandbox.messages.clear()
-        print(
-            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True
-        )
+        print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True)
 
         if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             save_checkpoint(

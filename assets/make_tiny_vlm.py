@@ -74,7 +74,7 @@ LLAVA_CHAT_TEMPLATE = (
 BPE_CORPUS = [
     "User: What is in the image? Assistant: The image shows a small red square on a white background.",
     "USER: What is the next action? ASSISTANT: The next action is to move left.",
-    "You are playing a game. Reply with a JSON object such as {\"action\": \"+\"} or {\"action\": \"-\"}.",
+    'You are playing a game. Reply with a JSON object such as {"action": "+"} or {"action": "-"}.',
     "The agent reads the observation and then chooses the next action to get the highest reward.",
     "The reward is given when the answer is correct, and the episode ends after the final step.",
     "state action reward policy value model image text token number left right up down move stop",
@@ -250,8 +250,9 @@ def build_tiny_idefics(path: str) -> str:
     tokenizer = build_byte_level_tokenizer(
         IDEFICS_SPECIAL_TOKENS, None, bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_token="<unk>"
     )
-    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=IDEFICS_IMAGE_SIZE),
-                                 tokenizer=tokenizer)
+    processor = IdeficsProcessor(
+        image_processor=IdeficsImageProcessorPil(image_size=IDEFICS_IMAGE_SIZE), tokenizer=tokenizer
+    )
     config = IdeficsConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=HIDDEN,
@@ -266,21 +267,30 @@ def build_tiny_idefics(path: str) -> str:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        vision_config={"embed_dim": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": NUM_LAYERS,
-                       "num_attention_heads": NUM_HEADS, "image_size": IDEFICS_IMAGE_SIZE,
-                       "patch_size": IDEFICS_PATCH_SIZE},
-        perceiver_config={"use_resampler": True, "resampler_n_latents": IDEFICS_PERCEIVER_LATENTS,
-                          "resampler_depth": 1, "resampler_n_heads": NUM_HEADS,
-                          "resampler_head_dim": HIDDEN // NUM_HEADS},
+        vision_config={
+            "embed_dim": HIDDEN,
+            "intermediate_size": INTERMEDIATE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "image_size": IDEFICS_IMAGE_SIZE,
+            "patch_size": IDEFICS_PATCH_SIZE,
+        },
+        perceiver_config={
+            "use_resampler": True,
+            "resampler_n_latents": IDEFICS_PERCEIVER_LATENTS,
+            "resampler_depth": 1,
+            "resampler_n_heads": NUM_HEADS,
+            "resampler_head_dim": HIDDEN // NUM_HEADS,
+        },
     )
     save_model(IdeficsForVisionText2Text(config), tokenizer, path)
     processor.save_pretrained(path)
     return path
 
 
-
-def build_smolvlm_256m_shaped(corpus: list[str], full_vision: bool = True) -> tuple[
-        Idefics3ForConditionalGeneration, Idefics3Processor]:
+def build_smolvlm_256m_shaped(
+    corpus: list[str], full_vision: bool = True
+) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
     """In memory, for benchmarks: random-weight Idefics3 with SmolVLM-256M-Instruct's sizes (64 image tokens per
     512-px tile; `full_vision=False` shrinks the vision tower to 64 px and 16 tokens) and a byte-level BPE
     tokenizer trained on `corpus`, about one token per word like SmolVLM's own. The processor has SmolVLM's own
@@ -289,32 +299,62 @@ def build_smolvlm_256m_shaped(corpus: list[str], full_vision: bool = True) -> tu
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     backend.train_from_iterator(corpus, trainer=trainer)
     backend.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
-                                        eos_token="<end_of_utterance>", pad_token="<|im_end|>",
-                                        unk_token="<|endoftext|>", chat_template=SMOLVLM_CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
     side, patch, scale, seq_len = (512, 16, 4, 64) if full_vision else (64, 8, 2, 16)
     width, layers, heads = (768, 12, 12) if full_vision else (192, 2, 3)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 4 * side}, max_image_size={"longest_edge": side},
-                                                do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 4 * side},
+        max_image_size={"longest_edge": side},
+        do_image_splitting=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len, chat_template=SMOLVLM_CHAT_TEMPLATE
+    )
     config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(image_size=side, patch_size=patch, hidden_size=width,
-                                           intermediate_size=4 * width, num_hidden_layers=layers,
-                                           num_attention_heads=heads),
-        text_config=LlamaConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                                max_position_embeddings=8192, tie_word_embeddings=False,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
-        scale_factor=scale, image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id,
+        vision_config=Idefics3VisionConfig(
+            image_size=side,
+            patch_size=patch,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=49280,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        scale_factor=scale,
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = Idefics3ForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
+
 
 def build_teachable_smolvlm(path: str, corpus: list[str], image_size: int, patch_size: int) -> str:
     """Build a random-weight SmolVLM (Idefics3) sized to be taught on a CPU in path and return path: text model 128
@@ -325,30 +365,63 @@ def build_teachable_smolvlm(path: str, corpus: list[str], image_size: int, patch
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=960, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=960, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     backend.train_from_iterator(corpus, trainer=trainer)
     backend.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
-                                        model_max_length=2048, chat_template=SMOLVLM_CHAT_TEMPLATE,
-                                        bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
-                                        unk_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
     scale = 2
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": image_size},
-                                                max_image_size={"longest_edge": image_size}, do_image_splitting=False,
-                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=(image_size // patch_size) ** 2 // scale**2,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
-    text_config = LlamaConfig(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=128, intermediate_size=512,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                              max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              tie_word_embeddings=False)
-    vision_config = Idefics3VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                                         num_attention_heads=4, image_size=image_size, patch_size=patch_size)
-    config = Idefics3Config(vision_config=vision_config, text_config=text_config, scale_factor=scale,
-                            image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+        do_image_splitting=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // patch_size) ** 2 // scale**2,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    text_config = LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = Idefics3VisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = Idefics3Config(
+        vision_config=vision_config,
+        text_config=text_config,
+        scale_factor=scale,
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     save_model(Idefics3ForConditionalGeneration(config), tokenizer, path)
     processor.save_pretrained(path)
     return path

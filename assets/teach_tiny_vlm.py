@@ -26,25 +26,65 @@ ASSETS = Path(__file__).resolve().parent
 REPO = ASSETS.parent
 sys.path[:0] = [str(REPO), str(ASSETS)]
 
-import ppo_vlm_likelihood as likelihood  # noqa: E402
-import sft_vlm  # noqa: E402
 from make_tiny_vlm import build_teachable_smolvlm  # noqa: E402
 
+import ppo_vlm_likelihood as likelihood  # noqa: E402
+import sft_vlm  # noqa: E402
+
 TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
-    "tiny-smolvlm-likelihood": (64, 8, ["--format", "likelihood", "--env-id", "FrozenLake8x8", "--num-demos", "1000",
-                                        "--num-epochs", "4", "--learning-rate", "1e-3", "--batch-size", "32",
-                                        "--eval-freq", "1"]),
-    "tiny-smolvlm-cot": (128, 16, ["--format", "cot", "--env-id", "NumberLine", "--num-demos", "1000",
-                                   "--num-epochs", "24", "--eval-freq", "6", "--learning-rate", "1e-3",
-                                   "--batch-size", "32",
-                                   "--max-new-tokens", "64"]),
+    "tiny-smolvlm-likelihood": (
+        64,
+        8,
+        [
+            "--format",
+            "likelihood",
+            "--env-id",
+            "FrozenLake8x8",
+            "--num-demos",
+            "1000",
+            "--num-epochs",
+            "4",
+            "--learning-rate",
+            "1e-3",
+            "--batch-size",
+            "32",
+            "--eval-freq",
+            "1",
+        ],
+    ),
+    "tiny-smolvlm-cot": (
+        128,
+        16,
+        [
+            "--format",
+            "cot",
+            "--env-id",
+            "NumberLine",
+            "--num-demos",
+            "1000",
+            "--num-epochs",
+            "24",
+            "--eval-freq",
+            "6",
+            "--learning-rate",
+            "1e-3",
+            "--batch-size",
+            "32",
+            "--max-new-tokens",
+            "64",
+        ],
+    ),
 }
 
 
 def prompt_corpus(flags: list[str]) -> list[str]:
     """The texts the model will read and write: 300 demonstration episodes in the script's own prompt format."""
-    args = sft_vlm.Args(**{k.lstrip("-").replace("-", "_"): v for k, v in zip(flags[::2], flags[1::2])
-                           if k in ("--format", "--env-id")}, num_demos=300)
+    args = sft_vlm.Args(
+        **{
+            k.lstrip("-").replace("-", "_"): v for k, v in zip(flags[::2], flags[1::2]) if k in ("--format", "--env-id")
+        },
+        num_demos=300,
+    )
     action_names = likelihood.env_action_names(args.env_id)
     demos, _ = sft_vlm.collect_demos(args, action_names, np.random.default_rng(0))
     if args.format == "likelihood":
@@ -60,8 +100,19 @@ if __name__ == "__main__":
         for name in sys.argv[1:] or TEACHING:  # the models to teach, by folder name (default: both)
             image_size, patch_size, flags = TEACHING[name]
             init = build_teachable_smolvlm(str(Path(tmp) / name), prompt_corpus(flags), image_size, patch_size)
-            command = [sys.executable, str(REPO / "sft_vlm.py"), "--model-id", init, "--lora-r", "0",
-                       "--output-dir", str(ASSETS / name), "--exp-name", f"teach_{name}", *flags]
+            command = [
+                sys.executable,
+                str(REPO / "sft_vlm.py"),
+                "--model-id",
+                init,
+                "--lora-r",
+                "0",
+                "--output-dir",
+                str(ASSETS / name),
+                "--exp-name",
+                f"teach_{name}",
+                *flags,
+            ]
             print(" ".join(command[1:]), flush=True)
             runs.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}))
         failed = [run.args for run in runs if run.wait() != 0]

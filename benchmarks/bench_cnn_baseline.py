@@ -134,10 +134,26 @@ def training_sps(env_id: str, obs: str, num_envs: int, total_timesteps: int) -> 
     """The SPS that a training run of the script reports at its last iteration."""
     with tempfile.TemporaryDirectory() as cwd:  # the run's tensorboard files go nowhere
         done = subprocess.run(
-            [sys.executable, str(ROOT / "ppo_cnn_baseline.py"), "--env-id", env_id, "--obs", obs,
-             "--num-envs", str(num_envs), "--num-minibatches", "4" if num_envs <= 4 else "8",
-             "--total-timesteps", str(total_timesteps), "--checkpoint-freq", "0"],
-            cwd=cwd, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                str(ROOT / "ppo_cnn_baseline.py"),
+                "--env-id",
+                env_id,
+                "--obs",
+                obs,
+                "--num-envs",
+                str(num_envs),
+                "--num-minibatches",
+                "4" if num_envs <= 4 else "8",
+                "--total-timesteps",
+                str(total_timesteps),
+                "--checkpoint-freq",
+                "0",
+            ],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     return float(re.findall(r"SPS=(\d+)", done.stdout)[-1])
 
@@ -154,14 +170,22 @@ if __name__ == "__main__":
     torch.distributions.Distribution.set_default_validate_args(False)  # as the script runs
     if args.breakdown:  # bound: the ratio if the forward passes cost nothing; linear: a linear agent's ratio
         columns = ["env", "env in loop", "forward", "update", "linear env in loop", "linear forward", "linear update"]
-        print(f"{'env':<26}{'envs':>6}" + "".join(f"{c + ' ms':>{len(c) + 6}}" for c in columns) + f"{'bound':>7}{'linear':>8}")
+        print(
+            f"{'env':<26}{'envs':>6}"
+            + "".join(f"{c + ' ms':>{len(c) + 6}}" for c in columns)
+            + f"{'bound':>7}{'linear':>8}"
+        )
         for env_id in args.env_ids:
             for num_envs in args.num_envs:
                 ms = iteration_breakdown(env_id, num_envs, 4 if num_envs <= 4 else 8)
                 bound = ms["env"] / (ms["env in loop"] + ms["update"])
                 linear = ms["env"] / (ms["linear env in loop"] + ms["linear forward"] + ms["linear update"])
-                print(f"{env_id:<26}{num_envs:>6}" + "".join(f"{ms[c]:>{len(c) + 6}.0f}" for c in columns)
-                      + f"{bound:>7.2f}{linear:>8.2f}", flush=True)
+                print(
+                    f"{env_id:<26}{num_envs:>6}"
+                    + "".join(f"{ms[c]:>{len(c) + 6}.0f}" for c in columns)
+                    + f"{bound:>7.2f}{linear:>8.2f}",
+                    flush=True,
+                )
         sys.exit()
     print(f"{'env':<26}{'obs':>7}{'envs':>6}{'random-action SPS':>19}{'training SPS':>14}{'ratio':>7}")
     for env_id in args.env_ids:

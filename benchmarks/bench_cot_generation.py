@@ -17,8 +17,8 @@ tokens: both modes generate the same number of tokens (a trained model's batch w
 
 A rollout step is what ppo_vlm_cot.py does per env step: the NumberLine prompt and image of every env,
 sampling with the KV cache (which also yields the old log-probs and the value's prompt state), the thought /
-action split, parsing, and env.step. "batched" runs it once for all --num-envs envs (ppo_vlm_cot.py); "one at a time" runs
-it once per env, as the authors' code does with one env per GPU. The update step is one minibatch of
+action split, parsing, and env.step. "batched" runs it once for all --num-envs envs (ppo_vlm_cot.py); "one at a
+time" runs it once per env, as the authors' code does with one env per GPU. The update step is one minibatch of
 --update-minibatch samples with their full outputs: log-probs and values with gradients, backward into LoRA
 and value head (the first one, so it includes allocating the gradients). Peak memory is the peak resident
 set size above the level before the call on CPU (torch.cuda.max_memory_allocated above it on GPU).
@@ -92,8 +92,9 @@ class PeakMemory:
         return (self.peak - self.base) / 2**30
 
 
-def rollout_step(agent: cot.Agent, processor: object, envs: list, obs: list[dict], action_names: list[str],
-                 batched: bool) -> tuple[list[dict], int]:
+def rollout_step(
+    agent: cot.Agent, processor: object, envs: list, obs: list[dict], action_names: list[str], batched: bool
+) -> tuple[list[dict], int]:
     """One env step of every env, as in ppo_vlm_cot.py; returns the next observations and the tokens generated."""
     batch = {key: np.stack([o[key] for o in obs]) for key in ("text", "mission", "image")}
     _, prompts, images = cot.observation_prompts(batch, {}, "NumberLine", processor, action_names, True)
@@ -113,7 +114,9 @@ def rollout_step(agent: cot.Agent, processor: object, envs: list, obs: list[dict
     return next_obs, tokens
 
 
-def update_step(agent: cot.Agent, processor: object, obs: list[dict], action_names: list[str], n: int) -> Callable[[], None]:
+def update_step(
+    agent: cot.Agent, processor: object, obs: list[dict], action_names: list[str], n: int
+) -> Callable[[], None]:
     """Sample n outputs (no grad); returns one PPO-shaped loss on them with gradients and its backward pass."""
     batch = {key: np.stack([o[key] for o in obs[:n]]) for key in ("text", "mission", "image")}
     _, prompts, images = cot.observation_prompts(batch, {}, "NumberLine", processor, action_names, True)
@@ -123,14 +126,15 @@ def update_step(agent: cot.Agent, processor: object, obs: list[dict], action_nam
     def step() -> None:
         _, _, scored, value = agent.get_action_and_value(prompts, images, output)
         ratio = (scored.log_prob - old.log_prob).exp()
-        loss = -(ratio * torch.clamp(ratio, 0.9, 1.1)).mean() + 0.5 * (value ** 2).mean()
+        loss = -(ratio * torch.clamp(ratio, 0.9, 1.1)).mean() + 0.5 * (value**2).mean()
         loss.backward()
 
     return step
 
 
-def measure_model(name: str, model: torch.nn.Module, processor: object, args: argparse.Namespace, steps: int,
-                  device: torch.device) -> tuple[list[tuple], float, PeakMemory]:
+def measure_model(
+    name: str, model: torch.nn.Module, processor: object, args: argparse.Namespace, steps: int, device: torch.device
+) -> tuple[list[tuple], float, PeakMemory]:
     """Rollout rows (mode, env steps / s, tokens / s, tokens per output) and the update step's seconds and memory."""
     model = cot.add_lora(model.to(device), 128, 256, cot.LANGUAGE_MODEL_LINEAR)
     model.eval()
@@ -138,9 +142,11 @@ def measure_model(name: str, model: torch.nn.Module, processor: object, args: ar
     generate = model.generate  # every output exactly max_new_tokens long, so both modes do the same work
     model.generate = lambda **kwargs: generate(**kwargs, min_new_tokens=agent.max_new_tokens)
     n_trainable = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    print(f"{name}: {sum(p.numel() for p in agent.parameters()) / 1e6:.1f}M parameters, {n_trainable / 1e6:.1f}M trainable",
-          flush=True)
-    envs = {batched: [text_envs.make_env("NumberLine", seed=i) for i in range(args.num_envs)] for batched in (True, False)}
+    n_params = sum(p.numel() for p in agent.parameters())
+    print(f"{name}: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.1f}M trainable", flush=True)
+    envs = {
+        batched: [text_envs.make_env("NumberLine", seed=i) for i in range(args.num_envs)] for batched in (True, False)
+    }
     action_names = list(envs[True][0].get_wrapper_attr("action_names"))
     obs, seconds, tokens = {}, {True: 0.0, False: 0.0}, {True: 0, False: 0}
     for batched in (True, False):
@@ -155,8 +161,15 @@ def measure_model(name: str, model: torch.nn.Module, processor: object, args: ar
             obs[batched], n = rollout_step(agent, processor, envs[batched], obs[batched], action_names, batched)
             seconds[batched] += time.perf_counter() - start
             tokens[batched] += n
-    rows = [("batched" if batched else "one at a time", steps * args.num_envs / seconds[batched],
-             tokens[batched] / seconds[batched], tokens[batched] / (steps * args.num_envs)) for batched in (True, False)]
+    rows = [
+        (
+            "batched" if batched else "one at a time",
+            steps * args.num_envs / seconds[batched],
+            tokens[batched] / seconds[batched],
+            tokens[batched] / (steps * args.num_envs),
+        )
+        for batched in (True, False)
+    ]
     step = update_step(agent, processor, obs[True], action_names, args.update_minibatch)
     with PeakMemory(device) as memory:
         start = time.perf_counter()
@@ -168,25 +181,44 @@ def measure_model(name: str, model: torch.nn.Module, processor: object, args: ar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-envs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2, help="timed rollout steps per mode for smolvlm-256m (tiny: 4x as many)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="the paper caps outputs at 256 (twice the runtime)")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="timed rollout steps per mode for smolvlm-256m (tiny: 4x as many)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="the paper caps outputs at 256 (twice the runtime)"
+    )
     parser.add_argument("--update-minibatch", type=int, default=1, help="samples in the update step (the paper: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (this machine's 2 cores are shared)")
-    parser.add_argument("--full-vision", action="store_true", help="SmolVLM's SigLIP-B/16 at 512 px instead of a shrunk tower")
+    parser.add_argument(
+        "--full-vision", action="store_true", help="SmolVLM's SigLIP-B/16 at 512 px instead of a shrunk tower"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, threads {args.threads}, {args.num_envs} envs, {args.max_new_tokens} new tokens, "
-          f"{'full' if args.full_vision else 'shrunk'} vision tower for smolvlm-256m", flush=True)
+    print(
+        f"device {device}, threads {args.threads}, {args.num_envs} envs, {args.max_new_tokens} new tokens, "
+        f"{'full' if args.full_vision else 'shrunk'} vision tower for smolvlm-256m",
+        flush=True,
+    )
 
     action_names = list(text_envs.make_env("NumberLine").get_wrapper_attr("action_names"))
     corpus = [cot.task_prompt("NumberLine", action_names, "", "", "")] * 20 + [
         f'{{"current number": "{c}", "target number": "{t}", "thoughts": "The current number is {c} and the target is '
         f'{t}, so I should {"add" if t > c else "subtract"} one.", "action": "{"+" if t > c else "-"}"}}'
-        for c in range(6) for t in range(6)]
+        for c in range(6)
+        for t in range(6)
+    ]
     tiny = cot.FALLBACK_MODEL_DIR
-    results = {"tiny": measure_model("tiny", AutoModelForImageTextToText.from_pretrained(tiny).eval(),
-                                     AutoProcessor.from_pretrained(tiny), args, 4 * args.steps, device)}
+    results = {
+        "tiny": measure_model(
+            "tiny",
+            AutoModelForImageTextToText.from_pretrained(tiny).eval(),
+            AutoProcessor.from_pretrained(tiny),
+            args,
+            4 * args.steps,
+            device,
+        )
+    }
     model, processor = build_smolvlm_256m_shaped(corpus, args.full_vision)
     cot.configure_image_processor(model, processor, False)  # one tile per frame, as the script configures it
     results["smolvlm-256m"] = measure_model("smolvlm-256m", model, processor, args, args.steps, device)
@@ -198,9 +230,11 @@ def main() -> None:
             print(f"| {name} | {mode} | {sps:.3f} | {tps:.1f} | {per_output:.0f} |")
     print()
     for name, (rows, update_seconds, memory) in results.items():
-        print(f"{name}: batched / one at a time {rows[0][1] / rows[1][1]:.2f}x env steps per second; update step "
-              f"(minibatch {args.update_minibatch}, full outputs, backward) {update_seconds:.2f} s, "
-              f"peak memory +{memory.gib:.3f} GiB above {memory.base / 2**30:.2f} GiB")
+        print(
+            f"{name}: batched / one at a time {rows[0][1] / rows[1][1]:.2f}x env steps per second; update step "
+            f"(minibatch {args.update_minibatch}, full outputs, backward) {update_seconds:.2f} s, "
+            f"peak memory +{memory.gib:.3f} GiB above {memory.base / 2**30:.2f} GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -43,4 +43,6 @@ if __name__ == "__main__":
         shape = make_env(env_id, seed=0).reset()[0]["image"].shape
         with_image = steps_per_second(env_id, True, args.seconds)
         without = steps_per_second(env_id, False, args.seconds)
-        print(f"{env_id:<18}{f'{shape[1]}x{shape[0]}':>10}{with_image:>16.0f}{without:>18.0f}{with_image / without:>8.2f}")
+        print(
+            f"{env_id:<18}{f'{shape[1]}x{shape[0]}':>10}{with_image:>16.0f}{without:>18.0f}{with_image / without:>8.2f}"
+        )

@@ -57,17 +57,28 @@ from ppo_vlm_likelihood import (
 )
 
 
-def score_actions_full_prompts(model: torch.nn.Module, processor: object, state_prompts: Sequence[str],
-                               images: Sequence[np.ndarray] | None, action_prompts: Sequence[str],
-                               reduction: str = "mean") -> torch.Tensor:
-    """[B, A] scores from one full prompt (image + state + action) per pair: the reference code's way, with log_softmax."""
+def score_actions_full_prompts(
+    model: torch.nn.Module,
+    processor: object,
+    state_prompts: Sequence[str],
+    images: Sequence[np.ndarray] | None,
+    action_prompts: Sequence[str],
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """[B, A] scores from one full prompt (image + state + action) per pair: the reference code's way, with
+    log_softmax."""
     tokenizer = getattr(processor, "tokenizer", processor)
     device = model.device
     action_ids = tokenizer(list(action_prompts), add_special_tokens=False)["input_ids"]
     n_actions, longest = len(action_ids), max(len(ids) for ids in action_ids)
     image_kwargs = {"images": [[image] for image in images for _ in action_ids]} if images is not None else {}
-    enc = processor(text=[p for p in state_prompts for _ in action_ids], padding=True, padding_side="left",
-                    return_tensors="pt", **image_kwargs).to(device)
+    enc = processor(
+        text=[p for p in state_prompts for _ in action_ids],
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        **image_kwargs,
+    ).to(device)
     rows = enc["input_ids"].shape[0]
     pad_id = tokenizer.pad_token_id or 0
     actions = torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids in action_ids], device=device).repeat(
@@ -78,8 +89,13 @@ def score_actions_full_prompts(model: torch.nn.Module, processor: object, state_
     mask = torch.cat([enc["attention_mask"], action_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    out = model(input_ids=torch.cat([enc["input_ids"], actions], dim=1), attention_mask=mask, position_ids=positions,
-                logits_to_keep=longest + 1, **extra)
+    out = model(
+        input_ids=torch.cat([enc["input_ids"], actions], dim=1),
+        attention_mask=mask,
+        position_ids=positions,
+        logits_to_keep=longest + 1,
+        **extra,
+    )
     logprobs = out.logits[:, :-1].float().log_softmax(-1).gather(-1, actions[..., None]).squeeze(-1)
     token_logprob = (logprobs * action_mask).sum(-1).view(-1, n_actions)
     if reduction == "mean":
@@ -87,10 +103,6 @@ def score_actions_full_prompts(model: torch.nn.Module, processor: object, state_
     if reduction == "sum":
         return token_logprob
     return token_logprob / torch.tensor([len(p.split()) for p in action_prompts], device=device)
-
-
-
-
 
 
 class PeakMemory:
@@ -151,8 +163,11 @@ def main() -> None:
     parser.add_argument("--update-states", type=int, default=2, help="states per update minibatch")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--image-size", type=int, default=256, help="pixels of the env image")
-    parser.add_argument("--image-splitting", action="store_true",
-                        help="keep SmolVLM's own image splitting (the scripts' --image-splitting; default: one tile)")
+    parser.add_argument(
+        "--image-splitting",
+        action="store_true",
+        help="keep SmolVLM's own image splitting (the scripts' --image-splitting; default: one tile)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -168,20 +183,21 @@ def main() -> None:
     action_prompts = [ACTION_TEMPLATE.format(action=a) for a in action_names]
     enc = processor(text=prompts[:1], images=[images[:1]], return_tensors="pt")
     action_tokens = [len(ids) for ids in processor.tokenizer(action_prompts, add_special_tokens=False)["input_ids"]]
-    print(f"model: {n_params / 1e6:.0f}M parameters (Idefics3, SmolVLM-256M sizes, LoRA r=64 on text q/k/v), built in "
-          f"{time.perf_counter() - build_start:.0f} s; {torch.get_num_threads()} CPU thread(s)")
     print(
-        f"state prompt: {enc['input_ids'].shape[1]} tokens ({int((enc['input_ids'] == processor.image_token_id).sum())} "
-        f"image tokens); {len(action_prompts)} action prompts of "
-        f"{min(action_tokens)}-{max(action_tokens)} tokens"
+        f"model: {n_params / 1e6:.0f}M parameters (Idefics3, SmolVLM-256M sizes, LoRA r=64 on text q/k/v), built in "
+        f"{time.perf_counter() - build_start:.0f} s; {torch.get_num_threads()} CPU thread(s)"
+    )
+    print(
+        f"state prompt: {enc['input_ids'].shape[1]} tokens "
+        f"({int((enc['input_ids'] == processor.image_token_id).sum())} image tokens); "
+        f"{len(action_prompts)} action prompts of {min(action_tokens)}-{max(action_tokens)} tokens"
     )
 
     methods = {"full prompts": score_actions_full_prompts, "shared prefix": score_actions}
     with torch.no_grad():  # warm-up, and the check that both methods compute the same scores
         check = {name: fn(model, processor, prompts[:1], images[:1], action_prompts) for name, fn in methods.items()}
-    print(
-        f"max |shared - full| score difference: {(check['shared prefix'] - check['full prompts']).abs().max().item():.2e}"
-    )
+    difference = (check["shared prefix"] - check["full prompts"]).abs().max().item()
+    print(f"max |shared - full| score difference: {difference:.2e}")
 
     def rollout(fn: Callable) -> Callable[[], torch.Tensor]:
         b = args.rollout_states
@@ -206,19 +222,28 @@ def main() -> None:
 
     print("\n| step | method | wall s | CPU s | extra GiB | total GiB |\n|---|---|---|---|---|---|")
     ratios = []
-    for phase, make, b in [("rollout step", rollout, args.rollout_states), ("update minibatch", update, args.update_states)]:
+    for phase, make, b in [
+        ("rollout step", rollout, args.rollout_states),
+        ("update minibatch", update, args.update_states),
+    ]:
         name = f"{phase}, {b} state{'s' if b > 1 else ''} x {len(action_prompts)} actions"
         results = {method: measure(make(fn)) for method, fn in methods.items()}
         for method, (wall, cpu, extra, base) in results.items():
             print(f"| {name} | {method} | {wall:.1f} | {cpu:.1f} | {extra:.3f} | {base + extra:.2f} |")
         (w_full, c_full, e_full, b_full), (w_shared, c_shared, e_shared, b_shared) = results.values()
-        ratios.append(f"| {name} | {c_full / c_shared:.2f}x | {w_full / w_shared:.2f}x | {e_shared / e_full:.2f} | "
-                      f"{(b_shared + e_shared) / (b_full + e_full):.2f} |")
-    print("\n| step | speed-up (CPU time) | speed-up (wall) | extra memory shared/full | total memory shared/full |\n"
-          "|---|---|---|---|---|\n" + "\n".join(ratios))
-    print("\nCPU s: CPU time of the scoring thread (steadier than wall time on a shared machine). extra GiB: peak\n"
-          "resident memory above the level before the call, i.e. what the step needs beyond the model's fp32 weights;\n"
-          "total GiB: that peak including the weights and the rest of the process.")
+        ratios.append(
+            f"| {name} | {c_full / c_shared:.2f}x | {w_full / w_shared:.2f}x | {e_shared / e_full:.2f} | "
+            f"{(b_shared + e_shared) / (b_full + e_full):.2f} |"
+        )
+    print(
+        "\n| step | speed-up (CPU time) | speed-up (wall) | extra memory shared/full | total memory shared/full |\n"
+        "|---|---|---|---|---|\n" + "\n".join(ratios)
+    )
+    print(
+        "\nCPU s: CPU time of the scoring thread (steadier than wall time on a shared machine). extra GiB: peak\n"
+        "resident memory above the level before the call, i.e. what the step needs beyond the model's fp32 weights;\n"
+        "total GiB: that peak including the weights and the rest of the process."
+    )
 
 
 if __name__ == "__main__":

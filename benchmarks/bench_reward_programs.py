@@ -36,14 +36,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import car_sandbox  # noqa: E402
 import text_envs  # noqa: E402
+
 ENVS = {"MiniGrid-DoorKey-8x8-v0": "DoorKey-8x8", "MiniGrid-UnlockPickup-v0": "UnlockPickup"}
 
 
 def training_sps(script: str, flags: list[str]) -> float:
     """The SPS that a training run of `script` reports at its last iteration."""
     with tempfile.TemporaryDirectory() as cwd:  # the run's tensorboard files go nowhere
-        done = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, capture_output=True, text=True,
-                              check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(
+            [sys.executable, str(ROOT / script), *flags],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     return float(re.findall(r"SPS=(\d+)", done.stdout)[-1])
 
 
@@ -71,8 +78,10 @@ def submit_times(steps: int = 300, num_envs: int = 16) -> None:
         start = time.perf_counter()
         for i in range(20):
             sandbox.advance([0] * num_envs, [frames[(i * num_envs + j) % len(frames)] for j in range(num_envs)])
-    print(f"worker: {(time.perf_counter() - start) / (20 * num_envs) * 1e3:.2f} ms per frame (sub-task 1's program, "
-          "round trip included)")
+    print(
+        f"worker: {(time.perf_counter() - start) / (20 * num_envs) * 1e3:.2f} ms per frame (sub-task 1's program, "
+        "round trip included)"
+    )
 
 
 def os_layer_cost(batches: int = 2000, repeats: int = 3, num_envs: int = 16) -> None:
@@ -111,13 +120,34 @@ if __name__ == "__main__":
     print(f"{'env':<26}{'envs':>5}{'sparse SPS':>12}{'dense SPS':>11}{'ratio':>7}")
     for env_id in args.env_ids:
         for num_envs in args.num_envs:
-            common = ["--env-id", env_id, "--num-envs", str(num_envs), "--num-minibatches", "8" if num_envs > 4 else "4",
-                      "--total-timesteps", str(args.total_timesteps)]
+            common = [
+                "--env-id",
+                env_id,
+                "--num-envs",
+                str(num_envs),
+                "--num-minibatches",
+                "8" if num_envs > 4 else "4",
+                "--total-timesteps",
+                str(args.total_timesteps),
+            ]
             sparse, dense = [], []
             for _ in range(args.repeats):
-                sparse.append(training_sps("ppo_cnn_baseline.py", [*common, "--obs", "state", "--checkpoint-freq", "0"]))
-                dense.append(training_sps("vlm_car_reward.py", [
-                    *common, "--reward-programs", str(ROOT / "reference_programs" / ENVS[env_id]),
-                    "--num-expert", "0", "--num-random", "0"]))
+                sparse.append(
+                    training_sps("ppo_cnn_baseline.py", [*common, "--obs", "state", "--checkpoint-freq", "0"])
+                )
+                dense.append(
+                    training_sps(
+                        "vlm_car_reward.py",
+                        [
+                            *common,
+                            "--reward-programs",
+                            str(ROOT / "reference_programs" / ENVS[env_id]),
+                            "--num-expert",
+                            "0",
+                            "--num-random",
+                            "0",
+                        ],
+                    )
+                )
             ratio = np.mean(dense) / np.mean(sparse)
             print(f"{env_id:<26}{num_envs:>5}{np.mean(sparse):>12.0f}{np.mean(dense):>11.0f}{ratio:>7.2f}", flush=True)

@@ -37,10 +37,27 @@ def teacher_queries(env_id: str, query_mode: str, total_timesteps: int, seed: in
     """(teacher queries, env steps) of a training run of the script with the scripted teacher."""
     with tempfile.TemporaryDirectory() as cwd:
         subprocess.run(
-            [sys.executable, str(ROOT / "ppo_lvlm2p_distill.py"), "--teacher", "expert", "--env-id", env_id,
-             "--teacher-query-mode", query_mode, "--total-timesteps", str(total_timesteps), "--seed", str(seed),
-             "--checkpoint-freq", "0", *REFERENCE_SETTINGS],
-            cwd=cwd, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                str(ROOT / "ppo_lvlm2p_distill.py"),
+                "--teacher",
+                "expert",
+                "--env-id",
+                env_id,
+                "--teacher-query-mode",
+                query_mode,
+                "--total-timesteps",
+                str(total_timesteps),
+                "--seed",
+                str(seed),
+                "--checkpoint-freq",
+                "0",
+                *REFERENCE_SETTINGS,
+            ],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         (run,) = pathlib.Path(cwd, "runs").iterdir()
         events = EventAccumulator(str(run))
@@ -49,8 +66,9 @@ def teacher_queries(env_id: str, query_mode: str, total_timesteps: int, seed: in
         return int(last.value), last.step
 
 
-def teacher_success(env_id: str, noise: float, episodes: int, seed: int = 0,
-                    temperature: float = lvlm2p.Args.teacher_temperature) -> tuple[float, float]:
+def teacher_success(
+    env_id: str, noise: float, episodes: int, seed: int = 0, temperature: float = lvlm2p.Args.teacher_temperature
+) -> tuple[float, float]:
     """(success rate, mean return) of the scripted teacher acting greedily on its own distributions."""
     env = text_envs.make_env(env_id, seed=seed, with_image=False)
     n_actions = env.action_space.n
@@ -88,5 +106,8 @@ if __name__ == "__main__":
         for env_id in args.env_ids:
             cached, steps = teacher_queries(env_id, "rollout", args.total_timesteps)
             reference, _ = teacher_queries(env_id, "minibatch", args.total_timesteps)
-            print(f"{env_id:<10}{steps:>7}{cached:>8}{cached / steps:>9.3f}{reference:>10}{reference / steps:>9.2f}"
-                  f"{reference / cached:>6.1f}x", flush=True)
+            print(
+                f"{env_id:<10}{steps:>7}{cached:>8}{cached / steps:>9.3f}{reference:>10}{reference / steps:>9.2f}"
+                f"{reference / cached:>6.1f}x",
+                flush=True,
+            )

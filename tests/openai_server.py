@@ -24,9 +24,21 @@ Reply = Callable[[dict], str]
 class OpenAIServer:
     """A context manager serving `reply` at `base_url` ("http://127.0.0.1:PORT/v1") from a background thread."""
 
-    def __init__(self, reply: Reply, failures: int = 0, failure: Literal["status", "hang", "garbage"] = "status",
-                 hang_seconds: float = 5.0, model: str = "test-vlm"):
-        self.reply, self.failures, self.failure, self.hang_seconds, self.model = reply, failures, failure, hang_seconds, model
+    def __init__(
+        self,
+        reply: Reply,
+        failures: int = 0,
+        failure: Literal["status", "hang", "garbage"] = "status",
+        hang_seconds: float = 5.0,
+        model: str = "test-vlm",
+    ):
+        self.reply, self.failures, self.failure, self.hang_seconds, self.model = (
+            reply,
+            failures,
+            failure,
+            hang_seconds,
+            model,
+        )
         self.requests: list[dict] = []
         self.auth: list[str | None] = []
         self._lock = threading.Lock()
@@ -58,7 +70,9 @@ class OpenAIServer:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, json.dumps({"object": "list", "data": [{"id": server.model, "object": "model"}]}).encode())
+                    self._send(
+                        200, json.dumps({"object": "list", "data": [{"id": server.model, "object": "model"}]}).encode()
+                    )
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
@@ -80,15 +94,21 @@ class OpenAIServer:
                 if failing:  # "hang": answer only after the client has given up
                     time.sleep(server.hang_seconds)
                 text = server.reply(body)
-                self._send(200, json.dumps({
-                    "id": f"chatcmpl-{len(server.requests)}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", server.model),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-                }).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "id": f"chatcmpl-{len(server.requests)}",
+                            "object": "chat.completion",
+                            "created": int(time.time()),
+                            "model": body.get("model", server.model),
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                        }
+                    ).encode(),
+                )
 
         return Handler
 
@@ -128,6 +148,6 @@ def vlm_reply(model_dir: str, max_new_tokens: int = 16) -> Reply:
         n_tokens = min(int(body.get("max_tokens") or max_new_tokens), max_new_tokens)
         with lock, torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
-        return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return reply

@@ -30,45 +30,68 @@ import car_sandbox
 from car_sandbox import ConfinementUnavailable, Sandbox, UnsafeCodeError, load_checker, load_programs, save_programs
 
 REFERENCE = Path(car_sandbox.__file__).resolve().parent / "reference_programs"
-REFERENCE_PROGRAMS = {f"{env} {path.stem}": path.read_text() for env in ("DoorKey-8x8", "UnlockPickup")
-                      for path in sorted((REFERENCE / env).glob("subtask_*.py"))}
+REFERENCE_PROGRAMS = {
+    f"{env} {path.stem}": path.read_text()
+    for env in ("DoorKey-8x8", "UnlockPickup")
+    for path in sorted((REFERENCE / env).glob("subtask_*.py"))
+}
 NOBODY = 65534
-needs_root_on_linux = pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
-                                         reason="dropping to an unprivileged user needs root on Linux")
+needs_root_on_linux = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0,
+    reason="dropping to an unprivileged user needs root on Linux",
+)
 
 # Programs a coder might write: they must load and run without an error.
 BENIGN = {
     "annotated": "import numpy as np\ndef check(frame: np.ndarray) -> bool:\n    return bool(frame.mean() > 10)",
-    "docstring and constants": ('"""Is the key gone?"""\nimport numpy as np\nYELLOW = (255, 255, 0)\nLIMIT = 4\n'
-                                "def check(frame):\n    \"\"\"True once no key pixel is left.\"\"\"\n"
-                                "    mask = np.all(frame == np.array(YELLOW), axis=-1)\n"
-                                "    return int(mask.sum()) < LIMIT"),
-    "helper with defaults": ("def count(frame, colour=(0, 255, 0), tile=8):\n"
-                             "    return int(np.count_nonzero(np.all(frame == colour, axis=2))) // tile\n"
-                             "def check(frame):\n    return count(frame) >= 0"),
-    "loops and cells": ("def check(frame):\n    tile = frame.shape[0] // 8\n    found = []\n"
-                        "    for y in range(8):\n        for x in range(frame.shape[1] // tile):\n"
-                        "            cell = frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile]\n"
-                        "            if cell[..., 1].max() == 255 and cell[..., 0].max() == 0:\n"
-                        "                found.append((x, y))\n    return len(found) == 0"),
-    "comprehensions": ("def check(frame):\n    means = [float(frame[..., c].mean()) for c in range(3)]\n"
-                       "    big = {i: m for i, m in enumerate(means) if m > 1}\n"
-                       "    return any(m > 200 for m in means) or len(big) > 5"),
-    "try except": ("def check(frame):\n    try:\n        return bool(frame[100, 100, 0] > 0)\n"
-                   "    except IndexError:\n        return False"),
+    "docstring and constants": (
+        '"""Is the key gone?"""\nimport numpy as np\nYELLOW = (255, 255, 0)\nLIMIT = 4\n'
+        'def check(frame):\n    """True once no key pixel is left."""\n'
+        "    mask = np.all(frame == np.array(YELLOW), axis=-1)\n"
+        "    return int(mask.sum()) < LIMIT"
+    ),
+    "helper with defaults": (
+        "def count(frame, colour=(0, 255, 0), tile=8):\n"
+        "    return int(np.count_nonzero(np.all(frame == colour, axis=2))) // tile\n"
+        "def check(frame):\n    return count(frame) >= 0"
+    ),
+    "loops and cells": (
+        "def check(frame):\n    tile = frame.shape[0] // 8\n    found = []\n"
+        "    for y in range(8):\n        for x in range(frame.shape[1] // tile):\n"
+        "            cell = frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile]\n"
+        "            if cell[..., 1].max() == 255 and cell[..., 0].max() == 0:\n"
+        "                found.append((x, y))\n    return len(found) == 0"
+    ),
+    "comprehensions": (
+        "def check(frame):\n    means = [float(frame[..., c].mean()) for c in range(3)]\n"
+        "    big = {i: m for i, m in enumerate(means) if m > 1}\n"
+        "    return any(m > 200 for m in means) or len(big) > 5"
+    ),
+    "try except": (
+        "def check(frame):\n    try:\n        return bool(frame[100, 100, 0] > 0)\n"
+        "    except IndexError:\n        return False"
+    ),
     "math": "import math\ndef check(frame):\n    return math.sqrt(float(frame.sum())) >= 0 and math.isfinite(1.0)",
-    "while and walrus": ("def check(frame):\n    i = 0\n    while (i := i + 1) < 3:\n        pass\n"
-                         "    return i == 3 and frame.ndim == 3"),
-    "lambda and sorted": ("def check(frame):\n    counts = np.unique(frame.reshape(-1, 3), axis=0, return_counts=True)[1]\n"
-                          "    return sorted(counts.tolist(), key=lambda c: -c)[0] > 0"),
+    "while and walrus": (
+        "def check(frame):\n    i = 0\n    while (i := i + 1) < 3:\n        pass\n    return i == 3 and frame.ndim == 3"
+    ),
+    "lambda and sorted": (
+        "def check(frame):\n    counts = np.unique(frame.reshape(-1, 3), axis=0, return_counts=True)[1]\n"
+        "    return sorted(counts.tolist(), key=lambda c: -c)[0] > 0"
+    ),
     "dtype name": "def check(frame):\n    return frame.dtype.name == 'uint8' and frame.astype(np.int32).min() >= 0",
-    "where and argwhere": ("def check(frame):\n    red = np.where(frame[..., 0] == 255, 1, 0)\n"
-                           "    return np.argwhere(red).shape[0] >= 0"),
+    "where and argwhere": (
+        "def check(frame):\n    red = np.where(frame[..., 0] == 255, 1, 0)\n    return np.argwhere(red).shape[0] >= 0"
+    ),
     "slices and transpose": "def check(frame):\n    return frame[::2, ::-1].transpose(1, 0, 2).shape[2] == 3",
-    "assert and raise": ("def check(frame):\n    assert frame.ndim == 3\n    if frame.size == 0:\n"
-                         "        raise ValueError('empty frame')\n    return True"),
-    "dict constant": ("TARGETS = {'key': (255, 255, 0), 'goal': (0, 255, 0)}\n"
-                      "def check(frame):\n    return not np.any(np.all(frame == TARGETS['goal'], axis=-1)) or True"),
+    "assert and raise": (
+        "def check(frame):\n    assert frame.ndim == 3\n    if frame.size == 0:\n"
+        "        raise ValueError('empty frame')\n    return True"
+    ),
+    "dict constant": (
+        "TARGETS = {'key': (255, 255, 0), 'goal': (0, 255, 0)}\n"
+        "def check(frame):\n    return not np.any(np.all(frame == TARGETS['goal'], axis=-1)) or True"
+    ),
     "clip and isin": "def check(frame):\n    return bool(np.isin(np.clip(frame, 0, 10), [10]).any() or True)",
     **REFERENCE_PROGRAMS,
 }
@@ -76,9 +99,11 @@ BENIGN = {
 
 def escape(action: str) -> str:
     """A program that walks to the real builtins (a path the load check refuses) and then tries `action`."""
-    return (f"def check(frame):\n    for cls in ().__class__.__base__.__subclasses__():\n"
-            f"        if cls.__name__ == '_wrap_close':\n            g = cls.__init__.__globals__\n"
-            f"    b = g['__builtins__']\n    {action}\n    return True")
+    return (
+        f"def check(frame):\n    for cls in ().__class__.__base__.__subclasses__():\n"
+        f"        if cls.__name__ == '_wrap_close':\n            g = cls.__init__.__globals__\n"
+        f"    b = g['__builtins__']\n    {action}\n    return True"
+    )
 
 
 # Refused at load: each class of the probe, and constructs nobody listed (refused because they are not allowed).
@@ -109,10 +134,14 @@ REFUSED_AT_LOAD = {
     "unknown name": "def check(frame):\n    return len(frames_before) > 0",
     "underscore name": "def check(frame):\n    _x = 1\n    return _x == 1",
     # structural pattern matching, f-strings and format strings
-    "match class keyword": ("def check(frame):\n    match frame:\n        case object(__class__=c):\n"
-                            "            return c is None\n    return False"),
+    "match class keyword": (
+        "def check(frame):\n    match frame:\n        case object(__class__=c):\n"
+        "            return c is None\n    return False"
+    ),
     "match mapping": "def check(frame):\n    match {}:\n        case {'a': x}:\n            return x\n    return False",
-    "match attribute": "def check(frame):\n    match frame:\n        case np.ndarray(shape=s):\n            return s\n    return False",
+    "match attribute": (
+        "def check(frame):\n    match frame:\n        case np.ndarray(shape=s):\n            return s\n    return False"
+    ),
     "f-string repr": "def check(frame):\n    return f'{check!r}' == ''",
     "f-string address": "def check(frame):\n    return int(f'{id}'[-15:-1], 16) > 0",
     "format string": "def check(frame):\n    return '{0.mro}'.format(frame) == ''",
@@ -121,13 +150,15 @@ REFUSED_AT_LOAD = {
     "dunder in a string": "def check(frame):\n    return frame.dtype.name == '__class__'",
     "bytes constant": "def check(frame):\n    return b'x' == b'x'",
     # numpy's raw memory, files and views
-    "array interface": ("def check(frame):\n    return np.asarray({'__array_interface__': {}}) is None"),
+    "array interface": "def check(frame):\n    return np.asarray({'__array_interface__': {}}) is None",
     "frombuffer": "def check(frame):\n    return np.frombuffer(frame.data, np.uint8).size > 0",
     "frame.data": "def check(frame):\n    return frame.data is None",
     "frame.base": "def check(frame):\n    return frame.base is None",
     "view": "def check(frame):\n    return frame.view(np.int64).size > 0",
-    "resize refcheck": ("def check(frame):\n    a = np.zeros(10)\n    v = a[:]\n    a.resize(10 ** 6, refcheck=False)\n"
-                        "    return v.sum() > 0"),
+    "resize refcheck": (
+        "def check(frame):\n    a = np.zeros(10)\n    v = a[:]\n    a.resize(10 ** 6, refcheck=False)\n"
+        "    return v.sum() > 0"
+    ),
     "np.ndarray buffer": "def check(frame):\n    return np.ndarray((10 ** 6,), np.uint8, frame).sum() > 0",
     "keyword like": "def check(frame):\n    return np.array([1], like=frame) is None",
     "keyword out": "def check(frame):\n    np.add(frame, 1, out=frame)\n    return True",
@@ -141,16 +172,24 @@ REFUSED_AT_LOAD = {
     "flags": "def check(frame):\n    return frame.flags.writeable",
     # processes and signals
     "fork bomb": "import os\ndef check(frame):\n    while True:\n        os.fork()",
-    "signal tampering": "import signal\ndef check(frame):\n    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n    return True",
+    "signal tampering": (
+        "import signal\ndef check(frame):\n    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n    return True"
+    ),
     # the time limit and the other programs
-    "bare except": "def check(frame):\n    try:\n        while True:\n            pass\n    except:\n        return True",
-    "finally return": "def check(frame):\n    try:\n        while True:\n            pass\n    finally:\n        return True",
+    "bare except": (
+        "def check(frame):\n    try:\n        while True:\n            pass\n    except:\n        return True"
+    ),
+    "finally return": (
+        "def check(frame):\n    try:\n        while True:\n            pass\n    finally:\n        return True"
+    ),
     "except star": "def check(frame):\n    try:\n        pass\n    except* ValueError:\n        pass\n    return True",
     "rebinds np.mean": "def check(frame):\n    np.mean = None\n    return True",
     "function attribute state": "def check(frame):\n    check.calls = 1\n    return True",
     "global": "def check(frame):\n    global np\n    np = None\n    return True",
-    "nonlocal": ("def check(frame):\n    n = 0\n    def inner():\n        nonlocal n\n        n = 1\n"
-                 "    inner()\n    return n == 1"),
+    "nonlocal": (
+        "def check(frame):\n    n = 0\n    def inner():\n        nonlocal n\n        n = 1\n"
+        "    inner()\n    return n == 1"
+    ),
     "generator": "def check(frame):\n    yield True",
     "generator frames": "def check(frame):\n    return (x for x in [1]).gi_frame.f_back is None",
     "async": "async def check(frame):\n    return True",
@@ -186,9 +225,46 @@ def test_hostile_code_is_refused_at_load(name):
 
 def test_load_checker_raises_only_unsafe_code_error():
     """Random fragments of Python, glued together: each either loads or raises UnsafeCodeError."""
-    pieces = ["def check(frame):\n    return ", "(", ")", "[", "]", "{", "}", "frame", ".", "__class__", "mean", "1",
-              "9" * 50, ",", ":", "lambda x: ", "not ", "'", "\"", "\n", " if ", " else ", "*", "**", "-", "np",
-              "match", "case", "f'{", "}'", "\\", "\x00", "yield", "import os", "\t", "é", "=", ";"]
+    pieces = [
+        "def check(frame):\n    return ",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        "frame",
+        ".",
+        "__class__",
+        "mean",
+        "1",
+        "9" * 50,
+        ",",
+        ":",
+        "lambda x: ",
+        "not ",
+        "'",
+        '"',
+        "\n",
+        " if ",
+        " else ",
+        "*",
+        "**",
+        "-",
+        "np",
+        "match",
+        "case",
+        "f'{",
+        "}'",
+        "\\",
+        "\x00",
+        "yield",
+        "import os",
+        "\t",
+        "é",
+        "=",
+        ";",
+    ]
     rng = np.random.default_rng(0)
     for _ in range(1500):
         code = "".join(rng.choice(pieces, size=int(rng.integers(1, 40))))
@@ -212,8 +288,10 @@ def test_benign_programs_load_and_run_without_errors():
 # Loaded, then misbehave when run: each counts as "not done".
 FAIL_AT_RUN = {
     "infinite loop": "def check(frame):\n    while True:\n        pass",
-    "loop in except": ("def check(frame):\n    try:\n        return 1 / 0\n    except ZeroDivisionError:\n"
-                       "        while True:\n            pass"),
+    "loop in except": (
+        "def check(frame):\n    try:\n        return 1 / 0\n    except ZeroDivisionError:\n"
+        "        while True:\n            pass"
+    ),
     "deep recursion": "def check(frame):\n    return check(frame)",
     "huge allocation": "def check(frame):\n    return np.ones(300_000_000).sum() > 0",
     "memory grows": "def check(frame):\n    x = [frame.tolist()]\n    while True:\n        x = x + x",
@@ -223,8 +301,9 @@ FAIL_AT_RUN = {
     "not a bool": "def check(frame):\n    return frame",
     "raises": "def check(frame):\n    return 1 / 0 > 0",
     "state in a constant": "CALLS = [0]\ndef check(frame):\n    CALLS[0] += 1\n    return CALLS[0] > 1",
-    "state in a default": ("def seen(x, memo=[]):\n    memo.append(x)\n    return len(memo)\n"
-                           "def check(frame):\n    return seen(1) > 1"),
+    "state in a default": (
+        "def seen(x, memo=[]):\n    memo.append(x)\n    return len(memo)\ndef check(frame):\n    return seen(1) > 1"
+    ),
     "state in a dict": "MEMO = {'n': 0}\ndef check(frame):\n    MEMO['n'] = MEMO['n'] + 1\n    return MEMO['n'] > 1",
 }
 
@@ -248,8 +327,11 @@ def test_misbehaving_programs_are_not_done_and_the_trainer_is_unharmed(tmp_path,
 
 
 def test_a_program_that_keeps_failing_is_disabled_and_a_hang_is_blamed_on_its_program():
-    programs = [load_checker("def check(frame):\n    return True"), load_checker(FAIL_AT_RUN["raises"]),
-                load_checker(FAIL_AT_RUN["long C call"])]
+    programs = [
+        load_checker("def check(frame):\n    return True"),
+        load_checker(FAIL_AT_RUN["raises"]),
+        load_checker(FAIL_AT_RUN["long C call"]),
+    ]
     frame = np.zeros((1, 4, 4, 3), dtype=np.uint8)
     with Sandbox(programs, time_limit=0.2, max_failures=3) as sandbox:
         for _ in range(5):
@@ -265,8 +347,10 @@ def test_a_program_that_keeps_failing_is_disabled_and_a_hang_is_blamed_on_its_pr
 
 def test_programs_have_their_own_numpy_and_no_state_survives_a_call():
     """Without the load check: one program rebinds np.mean and math.pi; the other's are untouched."""
-    programs = ["def check(frame):\n    np.mean = None\n    math.pi = 3\n    return True",
-                "def check(frame):\n    return bool(np.mean(frame) == 0 and math.pi > 3.1)"]
+    programs = [
+        "def check(frame):\n    np.mean = None\n    math.pi = 3\n    return True",
+        "def check(frame):\n    return bool(np.mean(frame) == 0 and math.pi > 3.1)",
+    ]
     with Sandbox(programs) as sandbox:
         assert sandbox.advance([0, 1], [np.zeros((2, 1, 1, 3), np.uint8)] * 2) == [[0, 0], [0]]
 
@@ -274,8 +358,10 @@ def test_programs_have_their_own_numpy_and_no_state_survives_a_call():
 def test_a_program_that_kills_the_worker_while_loading_is_replaced():
     """Without the load check, top-level code can end the worker before it answers: that program is replaced by one
     that is never done, and the others run."""
-    crasher = ("for cls in ().__class__.__base__.__subclasses__():\n    if cls.__name__ == '_wrap_close':\n"
-               "        cls.__init__.__globals__['_exit'](3)\ndef check(frame):\n    return True")
+    crasher = (
+        "for cls in ().__class__.__base__.__subclasses__():\n    if cls.__name__ == '_wrap_close':\n"
+        "        cls.__init__.__globals__['_exit'](3)\ndef check(frame):\n    return True"
+    )
     with Sandbox([crasher, load_checker("def check(frame):\n    return True")]) as sandbox:
         assert sandbox.load_errors[0].startswith("it stopped the worker while loading (it exited with status 3)")
         assert sandbox.load_errors[1] is None
@@ -294,30 +380,38 @@ def test_a_program_that_crashes_the_worker_is_blamed_and_disabled():
 
 
 def test_a_time_limit_swallowed_by_finally_is_still_a_time_out():
-    program = escape("").replace("    return True", "    try:\n        while True:\n            pass\n"
-                                                   "    finally:\n        return True")
+    program = escape("").replace(
+        "    return True", "    try:\n        while True:\n            pass\n    finally:\n        return True"
+    )
     with Sandbox([program], time_limit=0.05) as sandbox:
         assert sandbox.advance([0], [np.zeros((1, 1, 1, 3), np.uint8)]) == [[]]
         assert sandbox.errors == 1 and "ran past its time limit" in sandbox.messages[-1]
 
 
 def test_an_exception_that_cannot_be_formatted_is_counted_and_the_worker_lives():
-    program = escape("f = b['type']('F', (), {'__str__': lambda self: 1 / 0, '__repr__': lambda self: 1 / 0})\n"
-                     "    raise ValueError(f())")
+    program = escape(
+        "f = b['type']('F', (), {'__str__': lambda self: 1 / 0, '__repr__': lambda self: 1 / 0})\n"
+        "    raise ValueError(f())"
+    )
     with Sandbox([program]) as sandbox:
         for _ in range(3):
             assert sandbox.advance([0], [np.zeros((1, 1, 1, 3), np.uint8)]) == [[]]
         assert sandbox.errors == 3 and sandbox.restarts == 0
 
 
-@pytest.mark.parametrize("reply", [b"[" * 100_000, b"{\"completed\": [[[[[[1]]]]]]}", b"x" * (2 << 20), b"\xff\xfe"],
-                         ids=["deeply nested", "nested too deep", "too long", "not JSON"])
+@pytest.mark.parametrize(
+    "reply",
+    [b"[" * 100_000, b'{"completed": [[[[[[1]]]]]]}', b"x" * (2 << 20), b"\xff\xfe"],
+    ids=["deeply nested", "nested too deep", "too long", "not JSON"],
+)
 def test_a_worker_that_writes_garbage_is_restarted(reply):
     """Without the load check a program can write to the worker's own pipe: the trainer reads a bounded answer,
     refuses it, restarts the worker and goes on."""
     written = len(reply).to_bytes(8, "little") + (reply if len(reply) <= car_sandbox.MAX_REPLY_BYTES else reply[:9])
-    program = escape(f"os = b['__import__']('os')\n    for fd in range(3, 8):\n        try:\n"
-                     f"            os.write(fd, {written!r})\n        except b['OSError']:\n            pass")
+    program = escape(
+        f"os = b['__import__']('os')\n    for fd in range(3, 8):\n        try:\n"
+        f"            os.write(fd, {written!r})\n        except b['OSError']:\n            pass"
+    )
     with Sandbox([program]) as sandbox:
         for restarts in (1, 2):
             assert sandbox.advance([0], [np.zeros((1, 1, 1, 3), np.uint8)]) == [[]]
@@ -327,9 +421,11 @@ def test_a_worker_that_writes_garbage_is_restarted(reply):
 def test_a_worker_that_stops_reading_does_not_hang_the_trainer():
     """Without the load check a program can make the worker stop reading its pipe (here: os.read replaced by a loop
     that ignores the timer): a request bigger than the pipe is given up at its deadline."""
-    program = escape("os, s = b['__import__']('os'), b['__import__']('signal')\n"
-                     "    def stuck(fd, n):\n        s.setitimer(s.ITIMER_REAL, 0)\n        while True:\n"
-                     "            pass\n    os.read = stuck")
+    program = escape(
+        "os, s = b['__import__']('os'), b['__import__']('signal')\n"
+        "    def stuck(fd, n):\n        s.setitimer(s.ITIMER_REAL, 0)\n        while True:\n"
+        "            pass\n    os.read = stuck"
+    )
     big = np.zeros((40, 100, 100, 3), np.uint8)  # 1.2 MB: more than the pipe holds
     with Sandbox([program], time_limit=0.01) as sandbox:
         assert sandbox.advance([0], [big[:1]]) == [[0]]  # answered; from now on the worker reads nothing
@@ -356,15 +452,20 @@ def test_without_the_os_layer_the_worker_refuses_unless_the_risk_is_accepted(mon
 
 def test_the_worker_dies_with_its_trainer():
     """A trainer killed with SIGKILL leaves no worker behind (the parent-death signal)."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import car_sandbox\n"
-            "s = car_sandbox.Sandbox([]); print(s.process.pid, flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import car_sandbox\n"
+        "s = car_sandbox.Sandbox([]); print(s.process.pid, flush=True); time.sleep(60)"
+    )
     trainer = subprocess.Popen([sys.executable, "-c", code, str(REFERENCE.parent)], stdout=subprocess.PIPE, text=True)
     worker = int(trainer.stdout.readline())
     trainer.kill()
     trainer.wait()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists() and "Z" not in Path(
-            f"/proc/{worker}/stat").read_text().split(")")[-1][:3]:
+    while (
+        time.monotonic() < deadline
+        and Path(f"/proc/{worker}").exists()
+        and "Z" not in Path(f"/proc/{worker}/stat").read_text().split(")")[-1][:3]
+    ):
         time.sleep(0.05)
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split(")")[-1][:3]
 
@@ -440,8 +541,10 @@ def raw_programs(target: str, victim: int, other_worker: int, port: int) -> dict
         "rename a directory": "os.rename(T + '/sub', T + '/sub2')",
         # processes
         "execv": "os.execv('/bin/sh', ['sh', '-c', 'touch ' + T + '/exec1'])",
-        "libc execve": ("argv = (ctypes.c_char_p * 4)(b'/bin/sh', b'-c', ('touch ' + T + '/exec2').encode(), None)\n"
-                        f"    r = libc.execve(b'/bin/sh', argv, None)\n    {libc_ok}"),
+        "libc execve": (
+            "argv = (ctypes.c_char_p * 4)(b'/bin/sh', b'-c', ('touch ' + T + '/exec2').encode(), None)\n"
+            f"    r = libc.execve(b'/bin/sh', argv, None)\n    {libc_ok}"
+        ),
         "os.system": f"r = -1 if os.system('touch ' + T + '/exec3') else 0\n    {libc_ok}",
         "libc system": f"r = -1 if libc.system(('touch ' + T + '/exec4').encode()) else 0\n    {libc_ok}",
         "fork": "if os.fork() == 0:\n        os.execv('/bin/touch', ['touch', T + '/exec5'])",
@@ -449,9 +552,11 @@ def raw_programs(target: str, victim: int, other_worker: int, port: int) -> dict
         "subprocess": "imp('subprocess').run(['touch', T + '/exec7'])",
         "a thread": "imp('_thread').start_new_thread(os.mkdir, (T + '/thread',))",
         # sockets
-        "libc TCP connect": ("s = libc.socket(2, 1, 0)\n"
-                             f"    addr = (ctypes.c_ubyte * 16)(2, 0, {port >> 8}, {port & 255}, 127, 0, 0, 1)\n"
-                             f"    r = min(s, libc.connect(s, addr, 16))\n    {libc_ok}"),
+        "libc TCP connect": (
+            "s = libc.socket(2, 1, 0)\n"
+            f"    addr = (ctypes.c_ubyte * 16)(2, 0, {port >> 8}, {port & 255}, 127, 0, 0, 1)\n"
+            f"    r = min(s, libc.connect(s, addr, 16))\n    {libc_ok}"
+        ),
         "socket module": f"imp('socket').socket().connect(('127.0.0.1', {port}))",
         "_socket": f"imp('_socket').socket().connect(('127.0.0.1', {port}))",
         "UDP socket": f"r = libc.socket(2, 2, 0)\n    {libc_ok}",
@@ -465,15 +570,17 @@ def raw_programs(target: str, victim: int, other_worker: int, port: int) -> dict
         "kill everything": "os.kill(-1, 9)",
         "libc kill": f"r = libc.kill({victim}, 9)\n    {libc_ok}",
         "tgkill": f"r = libc.syscall({tgkill}, {victim}, {victim}, 9)\n    {libc_ok}",
-        "pidfd_send_signal": (f"fd = libc.syscall(434, {victim}, 0)\n    r = min(fd, libc.syscall(424, fd, 9, None, 0))\n"
-                              f"    {libc_ok}"),
+        "pidfd_send_signal": (
+            f"fd = libc.syscall(434, {victim}, 0)\n    r = min(fd, libc.syscall(424, fd, 9, None, 0))\n    {libc_ok}"
+        ),
         "ptrace attach": f"r = libc.ptrace(16, {victim}, 0, 0)\n    {libc_ok}",
         "ptrace the trainer": f"r = libc.ptrace(16, os.getppid(), 0, 0)\n    {libc_ok}",
         "process_vm_readv": f"r = libc.process_vm_readv(os.getppid(), None, 0, None, 0, 0)\n    {libc_ok}",
         # reading
         "trainer environ": "assert b['open']('/proc/%d/environ' % os.getppid(), 'rb').read()",
-        "trainer environ after closing fd 0": ("os.close(0)\n"
-                                               "    assert b['open']('/proc/%d/environ' % os.getppid(), 'rb').read()"),
+        "trainer environ after closing fd 0": (
+            "os.close(0)\n    assert b['open']('/proc/%d/environ' % os.getppid(), 'rb').read()"
+        ),
         "victim cmdline": f"assert b['open']('/proc/{victim}/cmdline', 'rb').read()",
         "another run's worker's memory": f"b['open']('/proc/{other_worker}/mem', 'rb')",
         "ptrace another run's worker": f"r = libc.ptrace(16, {other_worker}, 0, 0)\n    {libc_ok}",
@@ -491,8 +598,10 @@ def raw_programs(target: str, victim: int, other_worker: int, port: int) -> dict
         "raise a limit": "res = imp('resource')\n    res.setrlimit(res.RLIMIT_NOFILE, (4096, 4096))",
         "setuid root": "os.setuid(0)",
     }
-    prelude = ("os, ctypes, imp = b['__import__']('os'), b['__import__']('ctypes'), b['__import__']\n"
-               f"    libc = ctypes.CDLL(None, use_errno=True)\n    T = {target!r}\n    ")
+    prelude = (
+        "os, ctypes, imp = b['__import__']('os'), b['__import__']('ctypes'), b['__import__']\n"
+        f"    libc = ctypes.CDLL(None, use_errno=True)\n    T = {target!r}\n    "
+    )
     return {name: escape(prelude + action) for name, action in actions.items()}
 
 
@@ -545,9 +654,16 @@ def run_raw_suite(folder: Path, victim: int, memory_mb: int = 1024) -> dict:
     listener.close()
     other_answers = other.advance([0], [frame])
     other.close()
-    return {"escaped": [name for name, steps in zip(programs, answers) if steps], "errors": errors,
-            "restarts": restarts, "programs": len(programs), "connected": connected, "other": other_answers,
-            "confinement": confinement, "why": why}
+    return {
+        "escaped": [name for name, steps in zip(programs, answers) if steps],
+        "errors": errors,
+        "restarts": restarts,
+        "programs": len(programs),
+        "connected": connected,
+        "other": other_answers,
+        "confinement": confinement,
+        "why": why,
+    }
 
 
 def check_raw_suite(result: dict, folder: Path, before: dict[str, bytes], victim: subprocess.Popen) -> None:
@@ -557,8 +673,10 @@ def check_raw_suite(result: dict, folder: Path, before: dict[str, bytes], victim
     assert victim.poll() is None and result["other"] == [[0]]  # the process of the same uid, the other run's worker
     assert not result["connected"]
     assert result["errors"] == result["programs"] and result["restarts"] == 0  # each failure counted, worker alive
-    refused = re.compile(r"(PermissionError: 1, |OSError: 1, refused|No module named|can't start new thread|"
-                         r"returned NULL without setting an exception|not allowed to raise maximum limit)")
+    refused = re.compile(
+        r"(PermissionError: 1, |OSError: 1, refused|No module named|can't start new thread|"
+        r"returned NULL without setting an exception|not allowed to raise maximum limit)"
+    )
     assert {name: why for name, why in result["why"].items() if not refused.search(why)} == {}  # the kernel's EPERM
 
 
@@ -587,8 +705,17 @@ class ForkedWorker:
     user may not be able to execute this interpreter (one under /root, say), and a fork keeps the worker at the
     trainer's uid, the case under test. The worker runs the same sandbox_worker()."""
 
-    def __init__(self, args: list[str], stdin: int, stdout: int, stderr: int, cwd: str, env: dict,
-                 start_new_session: bool, pass_fds: tuple[int, ...]):
+    def __init__(
+        self,
+        args: list[str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        cwd: str,
+        env: dict,
+        start_new_session: bool,
+        pass_fds: tuple[int, ...],
+    ):
         to_worker, from_worker = os.pipe(), os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
@@ -641,8 +768,9 @@ def as_nobody(function, *arguments) -> dict:
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: setuid cleared it
-            car_sandbox.subprocess = types.SimpleNamespace(Popen=ForkedWorker, PIPE=subprocess.PIPE,
-                                                           DEVNULL=subprocess.DEVNULL)
+            car_sandbox.subprocess = types.SimpleNamespace(
+                Popen=ForkedWorker, PIPE=subprocess.PIPE, DEVNULL=subprocess.DEVNULL
+            )
             os.write(write_end, json.dumps(function(*arguments)).encode())
             status = 0
         except BaseException:  # noqa: BLE001 (the child reports any failure on stderr and exits)
@@ -666,11 +794,15 @@ def unconfined_escapes(folder: str) -> dict:
     if victim == 0:
         time.sleep(60)
         os._exit(0)
-    programs = [escape("os = b['__import__']('os')\n    os.mkdir(" + repr(folder + "/made") + ")"),
-                escape("os = b['__import__']('os')\n    os.unlink(" + repr(folder + "/canary") + ")"),
-                escape(f"os = b['__import__']('os')\n    os.kill({victim}, 9)"),
-                escape("os = b['__import__']('os')\n    os.close(0)\n"
-                       "    assert b['open']('/proc/%d/environ' % os.getppid(), 'rb').read()")]
+    programs = [
+        escape("os = b['__import__']('os')\n    os.mkdir(" + repr(folder + "/made") + ")"),
+        escape("os = b['__import__']('os')\n    os.unlink(" + repr(folder + "/canary") + ")"),
+        escape(f"os = b['__import__']('os')\n    os.kill({victim}, 9)"),
+        escape(
+            "os = b['__import__']('os')\n    os.close(0)\n"
+            "    assert b['open']('/proc/%d/environ' % os.getppid(), 'rb').read()"
+        ),
+    ]
     answers = []
     for program in programs:
         with Sandbox([program], time_limit=2.0, memory_mb=1 << 16, os_layer="off") as sandbox:

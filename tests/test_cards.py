@@ -26,6 +26,7 @@ def play(env, tokens: list[str]):
 
 def solvable(values: list[int], target: int, operators: str) -> bool:
     """Independent brute force: combine any two numbers with any operator until one is left."""
+
     def reach(nums: list[Fraction]) -> bool:
         if len(nums) == 1:
             return nums[0] == target
@@ -44,7 +45,7 @@ def solvable(values: list[int], target: int, operators: str) -> bool:
 
 def formula_of(env, state: np.ndarray) -> list[str]:
     """The formula tokens encoded in a state array (action index + 1, 0 = padding)."""
-    return [env.action_names[t - 1] for t in state[env.n_cards:] if t]
+    return [env.action_names[t - 1] for t in state[env.n_cards :] if t]
 
 
 def run_expert(env, seed: int, limit: int = 60):
@@ -150,16 +151,19 @@ def test_ezpoints_pairs_may_be_used_twice():
     assert r == 10 and term and info["success"]
 
 
-@pytest.mark.parametrize("ranks, tokens, reward", [
-    ([2, 10], ["2", "+", "10", "="], 10),
-    ([13, 2], ["10", "+", "2", "="], 10),   # K counts as 10
-    ([3, 4], ["4", "*", "3", "="], 10),
-    ([3, 4], ["3", "+", "4", "="], -1),     # 7
-    ([10, 2], ["10", "="], -1),             # one card only
-    ([10, 2], ["10", "+", "="], -1),        # unparseable
-    ([10, 2], ["="], -1),                   # empty
-    ([2, 6], ["2", "*", "*", "6", "="], -1),  # no '**' power
-])
+@pytest.mark.parametrize(
+    "ranks, tokens, reward",
+    [
+        ([2, 10], ["2", "+", "10", "="], 10),
+        ([13, 2], ["10", "+", "2", "="], 10),  # K counts as 10
+        ([3, 4], ["4", "*", "3", "="], 10),
+        ([3, 4], ["3", "+", "4", "="], -1),  # 7
+        ([10, 2], ["10", "="], -1),  # one card only
+        ([10, 2], ["10", "+", "="], -1),  # unparseable
+        ([10, 2], ["="], -1),  # empty
+        ([2, 6], ["2", "*", "*", "6", "="], -1),  # no '**' power
+    ],
+)
 def test_ezpoints_equals(ranks, tokens, reward):
     env = EZPointsEnv(with_image=False)
     env.reset(seed=0, options={"ranks": ranks})
@@ -263,18 +267,21 @@ def test_points24_step_limit():
     assert truncs == [False] * 39 + [True]
 
 
-@pytest.mark.parametrize("ranks, formula, reward", [
-    ([3, 3, 8, 8], "8/(3-8/3)", 10),        # exact fractions: floats give 23.999999999999996
-    ([6, 4, 1, 1], "6*4*1*1", 10),
-    ([6, 4, 1, 1], "6*4", -1),              # not every card
-    ([6, 4, 1, 1], "(6*4*1*1", -1),         # unparseable
-    ([12, 2, 1, 2], "(10+2)*2*1", 10),      # Q counts as 10
-    ([1, 1, 2, 3], "3/(1-1)+2", -1),        # division by zero
-    ([2, 4, 1, 1], "2 4*1*1", -1),          # '2' '4' is not 24
-    ([5, 5, 5, 1], "(5-1/5)*5", 10),
-    ([10, 10, 4, 4], "(10*10-4)/4", 10),
-    ([10, 10, 4, 4], "10+10+4-4", -1),
-])
+@pytest.mark.parametrize(
+    "ranks, formula, reward",
+    [
+        ([3, 3, 8, 8], "8/(3-8/3)", 10),  # exact fractions: floats give 23.999999999999996
+        ([6, 4, 1, 1], "6*4*1*1", 10),
+        ([6, 4, 1, 1], "6*4", -1),  # not every card
+        ([6, 4, 1, 1], "(6*4*1*1", -1),  # unparseable
+        ([12, 2, 1, 2], "(10+2)*2*1", 10),  # Q counts as 10
+        ([1, 1, 2, 3], "3/(1-1)+2", -1),  # division by zero
+        ([2, 4, 1, 1], "2 4*1*1", -1),  # '2' '4' is not 24
+        ([5, 5, 5, 1], "(5-1/5)*5", 10),
+        ([10, 10, 4, 4], "(10*10-4)/4", 10),
+        ([10, 10, 4, 4], "10+10+4-4", -1),
+    ],
+)
 def test_points24_equals(ranks, formula, reward):
     env = Points24Env(with_image=False)
     env.reset(seed=0, options={"ranks": ranks})
@@ -303,10 +310,21 @@ def test_points24_expert_solves_every_solvable_seeded_hand():
     assert 30 < n_solvable < 80  # some hands are unsolvable
 
 
-@pytest.mark.parametrize("prefix, solvable_from_here", [
-    ("", True), ("(", True), ("((", True), ("8/(", True), ("8/(3-8/3", True), ("8/(3-8/3)", True),
-    ("3+3", False), ("+", False), ("8*", False), ("8/(3-8/3))", False),
-])
+@pytest.mark.parametrize(
+    "prefix, solvable_from_here",
+    [
+        ("", True),
+        ("(", True),
+        ("((", True),
+        ("8/(", True),
+        ("8/(3-8/3", True),
+        ("8/(3-8/3)", True),
+        ("3+3", False),
+        ("+", False),
+        ("8*", False),
+        ("8/(3-8/3))", False),
+    ],
+)
 def test_points24_expert_completes_any_prefix(prefix, solvable_from_here):
     env = Points24Env(with_image=False)
     env.reset(seed=0, options={"ranks": [3, 8, 3, 8]})  # only solution: 8/(3-8/3)
@@ -325,14 +343,17 @@ def test_points24_expert_completes_any_prefix(prefix, solvable_from_here):
 # --------------------------------------------------------------------------------------------
 # Blackjack
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("player, dealer, next_cards, reward, dealer_final", [
-    ([10, 8], [10, 2], [2, 2, 3], -1, [10, 2, 2, 2, 3]),  # draws below 17: 14, 16, 19
-    ([10, 8], [1, 6], [5], 1, [1, 6]),                    # soft 17 stands
-    ([10, 7], [13, 7], [5], 0, [13, 7]),                  # hard 17 stands; a push
-    ([10, 2], [10, 6], [12], 1, [10, 6, 12]),             # dealer bust
-    ([1, 10], [10, 9], [], 1, [10, 9]),                   # 21 (natural pays 1, natural=False)
-    ([9, 9], [1, 1], [4, 3], -1, [1, 1, 4, 3]),           # A A (12 soft) 4 -> 16 soft, 3 -> 19 soft
-])
+@pytest.mark.parametrize(
+    "player, dealer, next_cards, reward, dealer_final",
+    [
+        ([10, 8], [10, 2], [2, 2, 3], -1, [10, 2, 2, 2, 3]),  # draws below 17: 14, 16, 19
+        ([10, 8], [1, 6], [5], 1, [1, 6]),  # soft 17 stands
+        ([10, 7], [13, 7], [5], 0, [13, 7]),  # hard 17 stands; a push
+        ([10, 2], [10, 6], [12], 1, [10, 6, 12]),  # dealer bust
+        ([1, 10], [10, 9], [], 1, [10, 9]),  # 21 (natural pays 1, natural=False)
+        ([9, 9], [1, 1], [4, 3], -1, [1, 1, 4, 3]),  # A A (12 soft) 4 -> 16 soft, 3 -> 19 soft
+    ],
+)
 def test_blackjack_stand(player, dealer, next_cards, reward, dealer_final):
     env = BlackjackEnv()
     assert env.action_names == ["stand", "hit"]
@@ -392,8 +413,16 @@ def test_blackjack_matches_gymnasium_rules():
 
 def test_blackjack_expert_basic_strategy():
     env = BlackjackEnv(with_image=False)
-    cases = [([10, 2], 4, "stand"), ([10, 2], 9, "hit"), ([10, 6], 1, "hit"), ([1, 6], 5, "hit"),
-             ([1, 7], 10, "stand"), ([10, 7], 10, "stand"), ([5, 4], 6, "hit"), ([10, 3], 6, "stand")]
+    cases = [
+        ([10, 2], 4, "stand"),
+        ([10, 2], 9, "hit"),
+        ([10, 6], 1, "hit"),
+        ([1, 6], 5, "hit"),
+        ([1, 7], 10, "stand"),
+        ([10, 7], 10, "stand"),
+        ([5, 4], 6, "hit"),
+        ([10, 3], 6, "stand"),
+    ]
     for player, up, action in cases:
         env.reset(seed=0, options={"player": player, "dealer": [up, 5]})
         assert env.action_names[env.expert_action()] == action, (player, up)
@@ -436,7 +465,7 @@ def test_new_episode_shows_its_own_empty_formula(cls):
     env.step(env.expert_action())  # mid-episode, a formula on the table
     obs, _ = env.reset(seed=9)
     ref, _ = fresh.reset(seed=9)
-    assert "The current formula is empty." in obs["text"] and not obs["state"][env.n_cards:].any()
+    assert "The current formula is empty." in obs["text"] and not obs["state"][env.n_cards :].any()
     assert obs["text"] == ref["text"] and np.array_equal(obs["image"], ref["image"])
     while True:  # and after a finished episode
         *_, term, trunc, _ = env.step(env.expert_action())
@@ -464,10 +493,11 @@ def test_description_agrees_with_state(cls):
             assert f" {info['dealer'][0]}" in text.split("dealer")[1] and RANK_VALUES[info["dealer"][0]] == state[1]
         else:
             m = re.match(r"Your cards are ([\w, ]+?)( \(.*\))?\. The current formula is (empty|'(.*)')\.", text)
-            assert [RANK_VALUES[c] for c in re.split(r", | and ", m[1])] == list(state[:env.n_cards])
+            assert [RANK_VALUES[c] for c in re.split(r", | and ", m[1])] == list(state[: env.n_cards])
             tokens = formula_of(env, state)
-            assert (m[4] or "") == "".join(t if not (i and t.isdigit() and tokens[i - 1].isdigit()) else " " + t
-                                           for i, t in enumerate(tokens))
+            assert (m[4] or "") == "".join(
+                t if not (i and t.isdigit() and tokens[i - 1].isdigit()) else " " + t for i, t in enumerate(tokens)
+            )
         action = env.expert_action() if rng.random() < 0.6 else int(rng.integers(env.action_space.n))
         obs, _, term, trunc, info = env.step(action)
         assert isinstance(info["success"], bool)

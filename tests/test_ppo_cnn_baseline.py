@@ -30,14 +30,29 @@ CLEANRL_TAGS = [
 ]
 TINY = ["--num-envs", "2", "--num-steps", "64"]
 # FrozenLake with the state grid: 8 iterations of 128 steps, a checkpoint every 2
-RESUMABLE = ["--env-id", "FrozenLake8x8", "--obs", "state", *TINY, "--total-timesteps", "1024",
-             "--checkpoint-freq", "2", "--save-model", "--eval-episodes", "2", "--seed", "5"]
+RESUMABLE = [
+    "--env-id",
+    "FrozenLake8x8",
+    "--obs",
+    "state",
+    *TINY,
+    "--total-timesteps",
+    "1024",
+    "--checkpoint-freq",
+    "2",
+    "--save-model",
+    "--eval-episodes",
+    "2",
+    "--seed",
+    "5",
+]
 
 
 def run_script(cwd: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the script in `cwd` (where it writes runs/) and return the finished process."""
-    return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def run_dir(cwd: Path) -> Path:
@@ -67,20 +82,23 @@ def test_gae_bootstraps_truncation_by_hand():
     a2 = 3 + gamma * 0.4 - 0.3 + gamma * lam * a3
     a1_truncated = 2 + gamma * 0.5 - 0.2  # bootstrap from V(final obs), not from the next episode's first obs
     a1_terminated = 2 - 0.2
-    expected = torch.tensor([
-        [1 + gamma * 0.2 - 0.1 + gamma * lam * a1_truncated, 1 + gamma * 0.2 - 0.1 + gamma * lam * a1_terminated],
-        [a1_truncated, a1_terminated],
-        [a2, a2],
-        [a3, a3],
-    ])
+    expected = torch.tensor(
+        [
+            [1 + gamma * 0.2 - 0.1 + gamma * lam * a1_truncated, 1 + gamma * 0.2 - 0.1 + gamma * lam * a1_terminated],
+            [a1_truncated, a1_terminated],
+            [a2, a2],
+            [a3, a3],
+        ]
+    )
     assert torch.allclose(advantages, expected)
     assert torch.allclose(returns, expected + values)
 
 
 @pytest.mark.parametrize("env_id, obs", [("Fetch", "image"), ("NumberLine", "state")])  # FrozenLake: full_run
 def test_smoke_run_writes_the_tags(tmp_path, env_id, obs):
-    done = run_script(tmp_path, "--env-id", env_id, "--obs", obs, *TINY, "--total-timesteps", "256",
-                      "--checkpoint-freq", "0")
+    done = run_script(
+        tmp_path, "--env-id", env_id, "--obs", obs, *TINY, "--total-timesteps", "256", "--checkpoint-freq", "0"
+    )
     assert done.returncode == 0, done.stderr
     assert "iteration 2/2 global_step=256 SPS=" in done.stdout
     logged = scalars(run_dir(tmp_path))
@@ -115,8 +133,9 @@ def test_same_seed_gives_identical_returns(full_run, tmp_path):
 
 
 def test_killed_run_resumes_where_it_stopped(full_run, tmp_path):
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *RESUMABLE], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *RESUMABLE], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob("runs/*/checkpoint.pt")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -151,25 +170,40 @@ def make_args(**flags) -> ppo.Args:
     return args
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"num_envs": 3, "num_steps": 5}, r"= 15 steps per rollout cannot be split into --num-minibatches 4: make"),
-    ({"total_timesteps": 100}, r"--total-timesteps 100 is less than one rollout"),
-    ({"env_id": "FrozenLake8x8", "action_set": "macro"}, r"macro action set exists for MiniGrid / BabyAI envs only"),
-    ({"env_id": "NumberLine", "image_size": 8}, r"--image-size 8 gives .* too small for the CNN"),
-    pytest.param({"capture_video": True}, r"--capture-video needs moviepy, which is not installed: pip install",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("moviepy") is not None, reason="moviepy installed")),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"num_envs": 3, "num_steps": 5}, r"= 15 steps per rollout cannot be split into --num-minibatches 4: make"),
+        ({"total_timesteps": 100}, r"--total-timesteps 100 is less than one rollout"),
+        (
+            {"env_id": "FrozenLake8x8", "action_set": "macro"},
+            r"macro action set exists for MiniGrid / BabyAI envs only",
+        ),
+        ({"env_id": "NumberLine", "image_size": 8}, r"--image-size 8 gives .* too small for the CNN"),
+        pytest.param(
+            {"capture_video": True},
+            r"--capture-video needs moviepy, which is not installed: pip install",
+            marks=pytest.mark.skipif(importlib.util.find_spec("moviepy") is not None, reason="moviepy installed"),
+        ),
+    ],
+)
 def test_bad_flags_are_one_sentence(flags, message):
     with pytest.raises(SystemExit) as error:
         ppo.check_args(make_args(**flags))
     assert isinstance(error.value.code, str) and re.search(message, error.value.code)  # a str code exits with 1
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"algorithm": "ppo_vlm_likelihood", "args": {}}, r"is not a ppo_cnn_baseline checkpoint \(it comes from ppo_vlm_likelihood\)"),
-    ("not a checkpoint", r"Cannot read the checkpoint --resume .*bad\.pt \(UnpicklingError"),
-    (None, r"Cannot read the checkpoint --resume .*bad\.pt \(FileNotFoundError"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            {"algorithm": "ppo_vlm_likelihood", "args": {}},
+            r"is not a ppo_cnn_baseline checkpoint \(it comes from ppo_vlm_likelihood\)",
+        ),
+        ("not a checkpoint", r"Cannot read the checkpoint --resume .*bad\.pt \(UnpicklingError"),
+        (None, r"Cannot read the checkpoint --resume .*bad\.pt \(FileNotFoundError"),
+    ],
+)
 def test_bad_checkpoints_are_one_sentence(tmp_path, content, message):
     path = tmp_path / "bad.pt"
     if isinstance(content, str):
@@ -181,11 +215,16 @@ def test_bad_checkpoints_are_one_sentence(tmp_path, content, message):
     assert isinstance(error.value.code, str) and re.search(message, error.value.code)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--env-id", "NoSuchEnv"], r"Unknown --env-id 'NoSuchEnv': use one of FrozenLake8x8, .*NumberLine"),
-    (["--resume", "{checkpoint}", "--env-id", "NumberLine", "--obs", "state"],
-     r"was trained with --env-id FrozenLake8x8, not NumberLine: pass --env-id FrozenLake8x8 to resume it"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "NoSuchEnv"], r"Unknown --env-id 'NoSuchEnv': use one of FrozenLake8x8, .*NumberLine"),
+        (
+            ["--resume", "{checkpoint}", "--env-id", "NumberLine", "--obs", "state"],
+            r"was trained with --env-id FrozenLake8x8, not NumberLine: pass --env-id FrozenLake8x8 to resume it",
+        ),
+    ],
+)
 def test_bad_input_exits_non_zero_without_traceback(tmp_path, full_run, flags, message):
     flags = [flag.format(checkpoint=full_run / "checkpoint.pt") for flag in flags]
     done = run_script(tmp_path, *flags, "--total-timesteps", "512")

@@ -27,11 +27,27 @@ SCRIPT = str(REPO_ROOT / "ppo_lvlm2p_distill.py")
 run_script = functools.partial(run_as_main, SCRIPT)
 script_error = functools.partial(exit_message, SCRIPT)
 N_ACTIONS = 7  # MiniGrid's primitive actions
-CLEANRL_TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
-                "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
-                "losses/explained_variance"}
-TEACHER_TAGS = {"teacher/queries", "teacher/cache_hit_rate", "teacher/seconds", "teacher/parse_failures",
-                "teacher/server_failures", "teacher/kl", "teacher/distill_coef"}
+CLEANRL_TAGS = {
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "charts/learning_rate",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+}
+TEACHER_TAGS = {
+    "teacher/queries",
+    "teacher/cache_hit_rate",
+    "teacher/seconds",
+    "teacher/parse_failures",
+    "teacher/server_failures",
+    "teacher/kl",
+    "teacher/distill_coef",
+}
 TINY = ["--num-envs", "2", "--num-steps", "16", "--checkpoint-freq", "0", "--teacher-image-size", "32"]
 SECRET = "sk-test-0123456789-do-not-log"
 
@@ -50,6 +66,7 @@ def total(logged: dict, tag: str) -> float:
 
 
 # --- the KL term (eq. 1) ---------------------------------------------------------------------------------------------
+
 
 def test_distill_loss_is_kl_teacher_to_student_by_hand():
     logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]], requires_grad=True)
@@ -83,22 +100,29 @@ def test_distill_loss_hard_targets_and_missing_teachers():
 
 # --- parsing the teacher's reply -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("[0.1, 0.2, 0.7]", [0.1, 0.2, 0.7]),
-    ("The agent faces east.\nAnswer: [1, 1, 2]", [0.25, 0.25, 0.5]),  # normalised to sum 1
-    ("[0, 1e-1, .9]", [0.0, 0.1, 0.9]),
-    ("agent at [2, 3], door at [4, 5, 6]; so [0.2, 0.8, 0.0]", [0.2, 0.8, 0.0]),  # several lists: the last valid one
-    ("first [0.5, 0.5, 0] then, on reflection, [0.1, 0.1, 0.8]", [0.1, 0.1, 0.8]),
-    ("[0.3, 0.3, 0.4] and then a coordinate [1, 2]", [0.3, 0.3, 0.4]),
-    ("[0.5, 0.5]", None),  # short
-    ("[0.1, 0.2, 0.3, 0.4]", None),  # long
-    ("[0.5, -0.1, 0.6]", None),  # negative
-    ("['turn left', 0.5, 0.5]", None),  # not numbers
-    ("[0.2, high, 0.8]", None),
-    ("[0, 0, 0]", None),  # nothing to normalise
-    ("0.1, 0.2, 0.7", None),  # not a list
-    ("", None),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[0.1, 0.2, 0.7]", [0.1, 0.2, 0.7]),
+        ("The agent faces east.\nAnswer: [1, 1, 2]", [0.25, 0.25, 0.5]),  # normalised to sum 1
+        ("[0, 1e-1, .9]", [0.0, 0.1, 0.9]),
+        (
+            "agent at [2, 3], door at [4, 5, 6]; so [0.2, 0.8, 0.0]",
+            [0.2, 0.8, 0.0],
+        ),  # several lists: the last valid one
+        ("first [0.5, 0.5, 0] then, on reflection, [0.1, 0.1, 0.8]", [0.1, 0.1, 0.8]),
+        ("[0.3, 0.3, 0.4] and then a coordinate [1, 2]", [0.3, 0.3, 0.4]),
+        ("[0.5, 0.5]", None),  # short
+        ("[0.1, 0.2, 0.3, 0.4]", None),  # long
+        ("[0.5, -0.1, 0.6]", None),  # negative
+        ("['turn left', 0.5, 0.5]", None),  # not numbers
+        ("[0.2, high, 0.8]", None),
+        ("[0, 0, 0]", None),  # nothing to normalise
+        ("0.1, 0.2, 0.7", None),  # not a list
+        ("", None),
+    ],
+)
 def test_parse_teacher_probs(text, expected):
     parsed = lvlm2p.parse_teacher_probs(text, 3)
     if expected is None:
@@ -108,6 +132,7 @@ def test_parse_teacher_probs(text, expected):
 
 
 # --- the cache: each distinct frame reaches the teacher once ---------------------------------------------------------
+
 
 class CountingTeacher:
     """Answers with a distribution that names the frame's first pixel; None for frames whose pixel is in `no_answer`,
@@ -121,8 +146,10 @@ class CountingTeacher:
         if self.down:
             raise teachers.TeacherUnavailable("down")
         self.asked += [int(f.image[0, 0, 0]) for f in frames]
-        return [None if int(f.image[0, 0, 0]) in self.no_answer else np.eye(N_ACTIONS)[int(f.image[0, 0, 0]) % N_ACTIONS]
-                for f in frames]
+        return [
+            None if int(f.image[0, 0, 0]) in self.no_answer else np.eye(N_ACTIONS)[int(f.image[0, 0, 0]) % N_ACTIONS]
+            for f in frames
+        ]
 
 
 def frames_of(pixels: list[int], mission: str = "go") -> tuple[list[teachers.Frame], list[bytes]]:
@@ -185,6 +212,7 @@ def test_expert_teacher_success_rate_on_its_own():
 
 # --- local VLM teachers ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def frame() -> teachers.Frame:
     """A LavaGap frame as the teacher sees it."""
@@ -209,7 +237,7 @@ def test_likelihood_teacher_is_softmax_of_mean_action_log_likelihoods(tiny_smolv
         input_ids = torch.cat([enc["input_ids"], torch.tensor([ids])], dim=1)
         pixels = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            logprobs = model(input_ids=input_ids, **pixels).logits[0, -len(ids) - 1:-1].log_softmax(-1)
+            logprobs = model(input_ids=input_ids, **pixels).logits[0, -len(ids) - 1 : -1].log_softmax(-1)
         scores.append(logprobs[torch.arange(len(ids)), ids].mean())
     assert np.allclose(probs, torch.stack(scores).softmax(-1).numpy(), atol=1e-5)
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
@@ -218,8 +246,9 @@ def test_likelihood_teacher_is_softmax_of_mean_action_log_likelihoods(tiny_smolv
 def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval()
     processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
-    prompts = functools.partial(lvlm2p.stage_prompts, action_names=text_envs.PRIMITIVE_ACTION_NAMES,
-                                examples="EXAMPLES\n\n")
+    prompts = functools.partial(
+        lvlm2p.stage_prompts, action_names=text_envs.PRIMITIVE_ACTION_NAMES, examples="EXAMPLES\n\n"
+    )
     parse = functools.partial(lvlm2p.parse_teacher_probs, n_actions=7)
     teacher = teachers.HFTeacher(model, processor, prompts, parse, 6)
     prompts = []
@@ -242,6 +271,7 @@ def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
 
 
 # --- the openai: backend against a real HTTP server -----------------------------------------------------------------
+
 
 def openai_teacher(server: OpenAIServer, **kwargs) -> teachers.OpenAITeacher:
     options = {"timeout": 5.0, "retries": 2, "backoff": 0.01, "concurrency": 4, **kwargs}
@@ -285,9 +315,22 @@ def test_openai_teacher_that_keeps_failing_leaves_the_batch_unlabelled(frame):
 
 # --- end-to-end runs -------------------------------------------------------------------------------------------------
 
+
 def test_expert_teacher_ppo_run_logs_and_evaluates(tmp_path, monkeypatch, capsys):
-    run_script(monkeypatch, tmp_path, "--teacher", "expert", *TINY, "--num-minibatches", "2",
-               "--total-timesteps", "128", "--save-model", "--eval-episodes", "2")
+    run_script(
+        monkeypatch,
+        tmp_path,
+        "--teacher",
+        "expert",
+        *TINY,
+        "--num-minibatches",
+        "2",
+        "--total-timesteps",
+        "128",
+        "--save-model",
+        "--eval-episodes",
+        "2",
+    )
     out = capsys.readouterr().out
     assert "iteration 4/4 global_step=128 SPS=" in out and "eval greedy:" in out and "teacher_queries=" in out
     logged = scalars(tmp_path)
@@ -299,17 +342,47 @@ def test_expert_teacher_ppo_run_logs_and_evaluates(tmp_path, monkeypatch, capsys
 
 
 def test_minibatch_mode_queries_every_sample_every_epoch(tmp_path, monkeypatch):
-    run_script(monkeypatch, tmp_path, "--teacher", "expert", *TINY, "--num-minibatches", "2", "--update-epochs", "3",
-               "--total-timesteps", "64", "--teacher-query-mode", "minibatch")
+    run_script(
+        monkeypatch,
+        tmp_path,
+        "--teacher",
+        "expert",
+        *TINY,
+        "--num-minibatches",
+        "2",
+        "--update-epochs",
+        "3",
+        "--total-timesteps",
+        "64",
+        "--teacher-query-mode",
+        "minibatch",
+    )
     logged = scalars(tmp_path)
     assert logged["teacher/queries"][-1] == (64, 2 * 32 * 3)  # 2 rollouts of 32 samples, 3 epochs each
     assert total(logged, "teacher/cache_hit_rate") == 0
 
 
 def test_a2c_with_decaying_lambda_and_hard_targets(tmp_path, monkeypatch, capsys):
-    run_script(monkeypatch, tmp_path, "--teacher", "expert", "--algo", "a2c", "--num-envs", "2", "--checkpoint-freq",
-               "0", "--teacher-image-size", "32", "--total-timesteps", "40", "--anneal-distill-coef",
-               "--distill-coef", "0.5", "--hard-targets")
+    run_script(
+        monkeypatch,
+        tmp_path,
+        "--teacher",
+        "expert",
+        "--algo",
+        "a2c",
+        "--num-envs",
+        "2",
+        "--checkpoint-freq",
+        "0",
+        "--teacher-image-size",
+        "32",
+        "--total-timesteps",
+        "40",
+        "--anneal-distill-coef",
+        "--distill-coef",
+        "0.5",
+        "--hard-targets",
+    )
     assert "iteration 4/4 global_step=40 " in capsys.readouterr().out  # A2C: rollouts of 5 steps
     logged = scalars(tmp_path)
     assert [value for _, value in logged["teacher/distill_coef"]] == pytest.approx([0.5, 0.375, 0.25, 0.125])
@@ -318,9 +391,25 @@ def test_a2c_with_decaying_lambda_and_hard_targets(tmp_path, monkeypatch, capsys
 
 def test_hf_generate_teacher_run_counts_unparsable_replies(tmp_path, monkeypatch, tiny_smolvlm_path, capsys):
     fewshot = REPO_ROOT / "teacher_prompts" / "lavagap.txt"
-    run_script(monkeypatch, tmp_path, "--teacher", f"hf:{tiny_smolvlm_path}", "--teacher-mode", "generate",
-               "--teacher-fewshot", str(fewshot), "--teacher-max-new-tokens", "4", *TINY, "--num-steps", "8",
-               "--num-minibatches", "2", "--total-timesteps", "16")
+    run_script(
+        monkeypatch,
+        tmp_path,
+        "--teacher",
+        f"hf:{tiny_smolvlm_path}",
+        "--teacher-mode",
+        "generate",
+        "--teacher-fewshot",
+        str(fewshot),
+        "--teacher-max-new-tokens",
+        "4",
+        *TINY,
+        "--num-steps",
+        "8",
+        "--num-minibatches",
+        "2",
+        "--total-timesteps",
+        "16",
+    )
     logged = scalars(tmp_path)
     queries = logged["teacher/queries"][-1][1]
     # random weights never write 7 numbers: every frame is a parse failure and trains on the RL loss alone
@@ -329,8 +418,21 @@ def test_hf_generate_teacher_run_counts_unparsable_replies(tmp_path, monkeypatch
 
 
 def test_hf_likelihood_teacher_run_always_has_a_distribution(tmp_path, monkeypatch, tiny_llava_path):
-    run_script(monkeypatch, tmp_path, "--teacher", f"hf:{tiny_llava_path}", "--teacher-mode", "likelihood", *TINY,
-               "--num-steps", "8", "--num-minibatches", "2", "--total-timesteps", "16")
+    run_script(
+        monkeypatch,
+        tmp_path,
+        "--teacher",
+        f"hf:{tiny_llava_path}",
+        "--teacher-mode",
+        "likelihood",
+        *TINY,
+        "--num-steps",
+        "8",
+        "--num-minibatches",
+        "2",
+        "--total-timesteps",
+        "16",
+    )
     logged = scalars(tmp_path)
     assert logged["teacher/queries"][-1][1] > 0 and total(logged, "teacher/parse_failures") == 0
     assert all(kl > 0 for _, kl in logged["teacher/kl"])  # a near-uniform teacher and student: small but not 0
@@ -338,8 +440,23 @@ def test_hf_likelihood_teacher_run_always_has_a_distribution(tmp_path, monkeypat
 
 def test_openai_teacher_run_survives_a_dead_server_and_never_logs_the_key(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LVLM2P_TEST_KEY", SECRET)
-    flags = ["--teacher", "openai:test-vlm", "--teacher-api-key-env", "LVLM2P_TEST_KEY", "--teacher-retries", "1",
-             "--teacher-backoff", "0.01", *TINY, "--num-steps", "8", "--num-minibatches", "2", "--total-timesteps", "32"]
+    flags = [
+        "--teacher",
+        "openai:test-vlm",
+        "--teacher-api-key-env",
+        "LVLM2P_TEST_KEY",
+        "--teacher-retries",
+        "1",
+        "--teacher-backoff",
+        "0.01",
+        *TINY,
+        "--num-steps",
+        "8",
+        "--num-minibatches",
+        "2",
+        "--total-timesteps",
+        "32",
+    ]
     with OpenAIServer(scripted_reply, failures=4) as server:  # the first frame's tries fail, the rest answer
         run_script(monkeypatch, tmp_path, "--teacher-base-url", server.base_url, "--teacher-batch-size", "1", *flags)
     logged = scalars(tmp_path)
@@ -358,9 +475,25 @@ def test_openai_teacher_run_survives_a_dead_server_and_never_logs_the_key(tmp_pa
 
 
 def test_resumed_run_ends_where_the_full_run_does(tmp_path, monkeypatch):
-    flags = ["--teacher", "expert", "--teacher-noise", "0.3", "--num-envs", "2", "--num-steps", "16",
-             "--num-minibatches", "2", "--teacher-image-size", "32", "--checkpoint-freq", "1", "--save-model",
-             "--eval-episodes", "0"]
+    flags = [
+        "--teacher",
+        "expert",
+        "--teacher-noise",
+        "0.3",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "16",
+        "--num-minibatches",
+        "2",
+        "--teacher-image-size",
+        "32",
+        "--checkpoint-freq",
+        "1",
+        "--save-model",
+        "--eval-episodes",
+        "0",
+    ]
     (tmp_path / "full").mkdir()
     run_script(monkeypatch, tmp_path / "full", *flags, "--total-timesteps", "128")
     (tmp_path / "part").mkdir()
@@ -373,24 +506,38 @@ def test_resumed_run_ends_where_the_full_run_does(tmp_path, monkeypatch):
     assert part["charts/episodic_return"] == full["charts/episodic_return"]
     (full_model,) = (tmp_path / "full").glob("runs/*/*.cleanrl_model")
     (part_model,) = (tmp_path / "part").glob("runs/*/*.cleanrl_model")
-    for (name, value), expected in zip(torch.load(part_model)["model"].items(), torch.load(full_model)["model"].values()):
+    for (name, value), expected in zip(
+        torch.load(part_model)["model"].items(), torch.load(full_model)["model"].values()
+    ):
         assert torch.equal(value, expected), name
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
-    (["--teacher", "gpt4"], r"--teacher 'gpt4' is not a teacher: use hf:<hub id or directory>, openai:<model> or expert"),
-    (["--teacher", "openai:gpt-4o"], r"needs --teacher-base-url, the server's OpenAI-compatible address"),
-    (["--teacher", "openai:m", "--teacher-base-url", "http://x/v1", "--teacher-mode", "likelihood"],
-     r"--teacher-mode likelihood needs the model's log-likelihoods"),
-    (["--teacher", "expert", "--teacher-noise", "1.5"], r"the noise is a probability \(0 to 1\)"),
-    (["--teacher", "expert", "--distill-coef", "-0.1"], r"--distill-coef -0.1 is negative"),
-    (["--teacher", "expert", "--teacher-fewshot", "no/such/file.txt"], r"Cannot read --teacher-fewshot no/such/file"),
-    (["--teacher", "expert", "--env-id", "NoSuchEnv"], r"Unknown --env-id 'NoSuchEnv': use one of FrozenLake8x8"),
-    (["--teacher", "expert", "--num-envs", "3", "--num-steps", "5"], r"= 15 steps per rollout cannot be split"),
-    (["--teacher", "hf:/no/such/model"], r"model directory /no/such/model does not exist"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--teacher", "gpt4"],
+            r"--teacher 'gpt4' is not a teacher: use hf:<hub id or directory>, openai:<model> or expert",
+        ),
+        (["--teacher", "openai:gpt-4o"], r"needs --teacher-base-url, the server's OpenAI-compatible address"),
+        (
+            ["--teacher", "openai:m", "--teacher-base-url", "http://x/v1", "--teacher-mode", "likelihood"],
+            r"--teacher-mode likelihood needs the model's log-likelihoods",
+        ),
+        (["--teacher", "expert", "--teacher-noise", "1.5"], r"the noise is a probability \(0 to 1\)"),
+        (["--teacher", "expert", "--distill-coef", "-0.1"], r"--distill-coef -0.1 is negative"),
+        (
+            ["--teacher", "expert", "--teacher-fewshot", "no/such/file.txt"],
+            r"Cannot read --teacher-fewshot no/such/file",
+        ),
+        (["--teacher", "expert", "--env-id", "NoSuchEnv"], r"Unknown --env-id 'NoSuchEnv': use one of FrozenLake8x8"),
+        (["--teacher", "expert", "--num-envs", "3", "--num-steps", "5"], r"= 15 steps per rollout cannot be split"),
+        (["--teacher", "hf:/no/such/model"], r"model directory /no/such/model does not exist"),
+    ],
+)
 def test_bad_input_is_one_sentence(tmp_path, monkeypatch, flags, message):
     error = script_error(monkeypatch, tmp_path, *flags, "--total-timesteps", "640")
     assert re.search(message, error), error

@@ -26,12 +26,25 @@ SCRIPT = str(REPO_ROOT / "ppo_vlm_cot.py")
 run_script = functools.partial(run_as_main, SCRIPT)
 script_error = functools.partial(exit_message, SCRIPT)
 ARCHS = ["smolvlm", "llava"]
-TINY_FLAGS = ["--num-envs", "2", "--num-steps", "4", "--max-new-tokens", "10", "--gradient-accumulation-steps", "4",
-              "--update-epochs", "1", "--lora-r", "8", "--lora-alpha", "16"]
+TINY_FLAGS = [
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "4",
+    "--max-new-tokens",
+    "10",
+    "--gradient-accumulation-steps",
+    "4",
+    "--update-epochs",
+    "1",
+    "--lora-r",
+    "8",
+    "--lora-alpha",
+    "16",
+]
 NUMBERS = [str(n) for n in range(1, 11)]
 EZPOINTS_ACTIONS = NUMBERS + ["+", "*", "="]
 TEMPERATURE = 0.2
-
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -39,12 +52,6 @@ def vlm(request: pytest.FixtureRequest):
     """(fp32 model, processor) of a tiny fixture VLM."""
     path = request.getfixturevalue(f"tiny_{request.param}_path")
     return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +72,7 @@ def vlm(request: pytest.FixtureRequest):
         ('{"action": "-" or "+"}', ["-", "+"], None),  # the format echoed: not exactly one action
         ('{"action": "{number}" or "{operator}"}', EZPOINTS_ACTIONS, None),
         ("{'action': 'hit'}", ["stand", "hit"], 1),  # misquoted: single quotes
-        ('{action: hit}', ["stand", "hit"], 1),  # misquoted: no quotes at all
+        ("{action: hit}", ["stand", "hit"], 1),  # misquoted: no quotes at all
         ('{"Action": "HIT"}', ["stand", "hit"], 1),  # case
         ('{"action" :  " + " }', ["-", "+"], 1),  # spacing
         ('{"thoughts": "x", "action": "move forward"}', ["move forward", "move left"], 0),
@@ -100,7 +107,7 @@ OUTPUTS = [
 def expected_split(tokenizer, text: str, key_start: int | None) -> tuple[list[int], int]:
     """Token ids of `text` and, from the tokenizer's own offsets, the index of the token holding `key_start`."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    assert key_start is None or text[key_start:key_start + 9] == '"action":'
+    assert key_start is None or text[key_start : key_start + 9] == '"action":'
     if key_start is None:
         return enc["input_ids"], len(enc["input_ids"]) + 1  # the end-of-sequence token too is thought
     return enc["input_ids"], next(j for j, (_, end) in enumerate(enc["offset_mapping"]) if end > key_start)
@@ -153,8 +160,8 @@ def test_cot_log_prob_matches_hand_computation(vlm) -> None:
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for r, (token_ids, _) in enumerate(rows):
-        ids[r, :len(token_ids) + 1] = torch.tensor(token_ids + [tokenizer.eos_token_id])
-        mask[r, :len(token_ids) + 1] = True
+        ids[r, : len(token_ids) + 1] = torch.tensor(token_ids + [tokenizer.eos_token_id])
+        mask[r, : len(token_ids) + 1] = True
     starts = [ppo.split_output(tokenizer, row[m].tolist())[1] for row, m in zip(ids, mask)]
     assert starts == [index for _, index in rows]
     output = ppo.Output(ids, mask, torch.tensor(starts))
@@ -162,7 +169,9 @@ def test_cot_log_prob_matches_hand_computation(vlm) -> None:
         scored = ppo.cot_log_prob(model, processor, prompts, images, output, 0.5, TEMPERATURE)
         plain = ppo.cot_log_prob(model, processor, prompts, images, output, 1.0, TEMPERATURE)
         for r, (token_ids, index) in enumerate(rows):
-            token_logprobs = hand_log_probs(model, processor, prompts[r], images[r], token_ids + [tokenizer.eos_token_id])
+            token_logprobs = hand_log_probs(
+                model, processor, prompts[r], images[r], token_ids + [tokenizer.eos_token_id]
+            )
             thought, action = token_logprobs[:index].sum(), token_logprobs[index:].sum()
             torch.testing.assert_close(scored.thought[r], thought, atol=1e-3, rtol=1e-5)
             torch.testing.assert_close(scored.action[r], action, atol=1e-3, rtol=1e-5)
@@ -191,18 +200,19 @@ def test_scored_distribution_is_the_sampled_one(vlm, monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         output, texts, scored, value = agent.get_action_and_value(prompts, images)
     scores = captured["scores"]
-    sampled = output.ids[:, :scores.shape[1]]
+    sampled = output.ids[:, : scores.shape[1]]
     expected = scores.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
-    expected = torch.where(output.mask[:, :scores.shape[1]], expected, 0.0).sum(-1)
+    expected = torch.where(output.mask[:, : scores.shape[1]], expected, 0.0).sum(-1)
     torch.testing.assert_close(scored.log_prob, expected, atol=1e-3, rtol=1e-5)
-    assert not output.mask[:, scores.shape[1]:].any() and value.shape == (3,) and len(texts) == 3
+    assert not output.mask[:, scores.shape[1] :].any() and value.shape == (3,) and len(texts) == 3
     image_ids = ppo.unscorable_token_ids(model)
     assert image_ids and not torch.isin(output.ids, torch.tensor(image_ids)).any()
 
 
 def test_rollout_scores_equal_the_update_recomputation(vlm) -> None:
     """The rollout scores a sample from its generation's own logits and prompt state; the update recomputes them in
-    one forward pass over prompt and output: both give the same log-probs, split and value (so PPO's first ratio is 1)."""
+    one forward pass over prompt and output: both give the same log-probs, split and value (so PPO's first ratio
+    is 1)."""
     model, processor = vlm
     prompts, images = card_prompts(processor, 3)
     agent = ppo.Agent(model, processor, TEMPERATURE, 12, 0.5)
@@ -241,7 +251,11 @@ def test_paper_prompts_and_each_envs_own_formula(tiny_smolvlm_path: str) -> None
     assert "['1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '+', '*', '=']" in texts[0]
     assert prompts[0].count("<image>") == 1 and images.shape == (2, 300, 300, 3)
     nl = ppo.task_prompt("NumberLine", ["-", "+"], "m", "The target number is 3.", "")
-    assert '"thoughts": "{first read out' in nl and nl.endswith('"action": "-" or "+" \n}') and "target number is 3" not in nl
+    assert (
+        '"thoughts": "{first read out' in nl
+        and nl.endswith('"action": "-" or "+" \n}')
+        and "target number is 3" not in nl
+    )
     p24 = ppo.task_prompt("Points24", NUMBERS, "m", "d", "(3")
     assert "observing the four cards" in p24 and '"cards": [x, y, z, w]' in p24 and "make it equal 24" in p24
     no_cot = ppo.task_prompt("Blackjack", ["stand", "hit"], "m", "d", "", cot=False)
@@ -253,12 +267,20 @@ def test_paper_prompts_and_each_envs_own_formula(tiny_smolvlm_path: str) -> None
 def test_lora_targets_every_linear_layer_of_the_language_model_only() -> None:
     """The default LoRA regex takes attention and MLP projections of the language model, nothing else."""
     pattern = re.compile(ppo.LANGUAGE_MODEL_LINEAR)
-    targets = [f"model.text_model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + [
-        f"model.language_model.layers.3.mlp.{p}_proj" for p in ("gate", "up", "down")] + [
-        "model.layers.1.self_attn.q_proj", "base_model.model.model.text_model.layers.1.mlp.down_proj"]
-    others = ["lm_head", "model.vision_model.encoder.layers.0.self_attn.q_proj", "model.vision_model.encoder.layers.0.mlp.fc1",
-              "model.vision_tower.encoder.layers.0.self_attn.k_proj", "model.connector.modality_projection.proj",
-              "model.multi_modal_projector.linear_1", "model.visual.blocks.0.attn.qkv"]
+    targets = (
+        [f"model.text_model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+        + [f"model.language_model.layers.3.mlp.{p}_proj" for p in ("gate", "up", "down")]
+        + ["model.layers.1.self_attn.q_proj", "base_model.model.model.text_model.layers.1.mlp.down_proj"]
+    )
+    others = [
+        "lm_head",
+        "model.vision_model.encoder.layers.0.self_attn.q_proj",
+        "model.vision_model.encoder.layers.0.mlp.fc1",
+        "model.vision_tower.encoder.layers.0.self_attn.k_proj",
+        "model.connector.modality_projection.proj",
+        "model.multi_modal_projector.linear_1",
+        "model.visual.blocks.0.attn.qkv",
+    ]
     assert all(pattern.fullmatch(name) for name in targets)
     assert not any(pattern.fullmatch(name) for name in others)
 
@@ -266,18 +288,32 @@ def test_lora_targets_every_linear_layer_of_the_language_model_only() -> None:
 # --------------------------------------------------------------------------------------------
 # the script
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env_id, arch", [("NumberLine", "smolvlm"), ("EZPoints", "llava"), ("Points24", "smolvlm"),
-                                          ("Blackjack", "llava")])
+@pytest.mark.parametrize(
+    "env_id, arch", [("NumberLine", "smolvlm"), ("EZPoints", "llava"), ("Points24", "smolvlm"), ("Blackjack", "llava")]
+)
 def test_end_to_end_card_env(env_id: str, arch: str, request, monkeypatch, tmp_path: Path, capsys) -> None:
     """Two iterations on a card env: progress lines, logs, samples.jsonl, and LoRA trained away from B = 0."""
     path = request.getfixturevalue(f"tiny_{arch}_path")
-    g = run_script(monkeypatch, tmp_path, "--model-id", path, "--env-id", env_id, "--total-timesteps", "16", *TINY_FLAGS)
+    g = run_script(
+        monkeypatch, tmp_path, "--model-id", path, "--env-id", env_id, "--total-timesteps", "16", *TINY_FLAGS
+    )
     assert g["global_step"] == 16
     assert "iteration 2/2 global_step=16 " in capsys.readouterr().out
     run_dir = tmp_path / "runs" / g["run_name"]
-    assert {"charts/SPS", "charts/learning_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy",
-            "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "cot/invalid_action_rate",
-            "cot/thought_log_prob", "cot/action_log_prob", "cot/output_tokens"} <= scalar_tags(run_dir)
+    assert {
+        "charts/SPS",
+        "charts/learning_rate",
+        "losses/value_loss",
+        "losses/policy_loss",
+        "losses/entropy",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/explained_variance",
+        "cot/invalid_action_rate",
+        "cot/thought_log_prob",
+        "cot/action_log_prob",
+        "cot/output_tokens",
+    } <= scalar_tags(run_dir)
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [(s["iteration"], s["env"]) for s in samples] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(s["action"] in g["action_names"] and s["prompt"].endswith("\n}") for s in samples)
@@ -287,21 +323,49 @@ def test_end_to_end_card_env(env_id: str, arch: str, request, monkeypatch, tmp_p
 
 def test_no_cot_on_a_generic_env(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path) -> None:
     """--no-cot asks for the action only; a non-card env gets the generic prompt with its description."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "FrozenLake8x8", "--no-cot",
-                   "--total-timesteps", "8", *TINY_FLAGS)
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--env-id",
+        "FrozenLake8x8",
+        "--no-cot",
+        "--total-timesteps",
+        "8",
+        *TINY_FLAGS,
+    )
     (sample, *_) = [json.loads(line) for line in (tmp_path / "runs" / g["run_name"] / "samples.jsonl").open()]
     assert "thoughts" not in sample["prompt"] and sample["prompt"].endswith('{\n "action": "{one of the actions}" \n}')
-    assert "['move west', 'move south', 'move east', 'move north']" in sample["prompt"] and "frozen lake" in sample["prompt"]
+    assert (
+        "['move west', 'move south', 'move east', 'move north']" in sample["prompt"]
+        and "frozen lake" in sample["prompt"]
+    )
 
 
 def test_untuned_model_evaluation(tiny_llava_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """--total-timesteps 0 --eval-episodes N evaluates the untuned model, invalid actions counted."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_llava_path, "--env-id", "Blackjack", "--total-timesteps", "0",
-                   "--eval-episodes", "3", "--max-new-tokens", "8")
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_llava_path,
+        "--env-id",
+        "Blackjack",
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "3",
+        "--max-new-tokens",
+        "8",
+    )
     assert [len(g["evaluations"][mode]) for mode in ("greedy", "sampled")] == [3, 3] and g["global_step"] == 0
     assert re.search(r"eval greedy: episodic_return=-?\d.*invalid=\d.* over 3 episodes", capsys.readouterr().out)
-    assert {f"eval/{mode}_{tag}" for mode in ("greedy", "sampled") for tag in
-            ("episodic_return", "success_rate", "invalid_action_rate")} <= scalar_tags(tmp_path / "runs" / g["run_name"])
+    assert {
+        f"eval/{mode}_{tag}"
+        for mode in ("greedy", "sampled")
+        for tag in ("episodic_return", "success_rate", "invalid_action_rate")
+    } <= scalar_tags(tmp_path / "runs" / g["run_name"])
 
 
 def test_resume_continues_the_run(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
@@ -313,19 +377,35 @@ def test_resume_continues_the_run(tiny_smolvlm_path: str, monkeypatch, tmp_path:
     capsys.readouterr()
     g = run_script(monkeypatch, tmp_path, *argv, "--total-timesteps", "24", "--resume", str(checkpoint))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration ")]
-    assert [line.split(" SPS=")[0] for line in lines] == ["iteration 2/3 global_step=16", "iteration 3/3 global_step=24"]
+    assert [line.split(" SPS=")[0] for line in lines] == [
+        "iteration 2/3 global_step=16",
+        "iteration 3/3 global_step=24",
+    ]
     assert g["run_name"] == first["run_name"] and torch.load(checkpoint / "trainer_state.pt")["iteration"] == 3
     assert not all(torch.equal(saved_head[k], v) for k, v in g["agent"].value_head.state_dict().items())
-    assert "pass --lora-r 8 to resume it" in script_error(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id",
-                                                    "NumberLine", "--resume", str(checkpoint))
-    g = run_script(monkeypatch, tmp_path, *argv, "--resume", str(checkpoint), "--total-timesteps", "0",
-                   "--eval-episodes", "1", "--max-new-tokens", "4")
+    assert "pass --lora-r 8 to resume it" in script_error(
+        monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "NumberLine", "--resume", str(checkpoint)
+    )
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        *argv,
+        "--resume",
+        str(checkpoint),
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "1",
+        "--max-new-tokens",
+        "4",
+    )
     trained = torch.load(checkpoint / "trainer_state.pt")["value_head"]
     assert all(torch.equal(trained[k], v) for k, v in g["agent"].value_head.state_dict().items())
 
 
 def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: Path) -> None:
-    """Two processes on CPU (gloo, launched with torchrun): after an update, LoRA and value head are equal on both ranks."""
+    """Two processes on CPU (gloo, launched with torchrun): after an update, LoRA and value head are equal on both
+    ranks."""
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(
         "import os, runpy, sys, torch\n"
@@ -334,10 +414,25 @@ def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: 
         "weights = {n: p.detach() for n, p in g['agent'].named_parameters() if p.requires_grad}\n"
         "torch.save(weights, f\"weights_{os.environ['RANK']}.pt\")\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
-           "--model-id", tiny_smolvlm_path,
-           "--total-timesteps", "16", *TINY_FLAGS, "--max-new-tokens", "6"]
-    result = subprocess.run(cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(wrapper),
+        "--model-id",
+        tiny_smolvlm_path,
+        "--total-timesteps",
+        "16",
+        *TINY_FLAGS,
+        "--max-new-tokens",
+        "6",
+    ]
+    result = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iteration 1/1 global_step=16 " in result.stdout  # 2 processes x 2 envs x 4 steps
     rank0, rank1 = (torch.load(tmp_path / f"weights_{r}.pt", weights_only=True) for r in (0, 1))
@@ -360,8 +455,20 @@ class NotFoundHandler(http.server.BaseHTTPRequestHandler):
 
 def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys) -> None:
     """With no --model-id and no Hub, the run goes on with the committed tiny checkpoint, loudly."""
-    g = run_script(monkeypatch, tmp_path, "--env-id", "Blackjack", "--total-timesteps", "0", "--eval-episodes", "1",
-                   "--max-new-tokens", "4", "--num-envs", "1")
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--env-id",
+        "Blackjack",
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--num-envs",
+        "1",
+    )
     assert len(g["evaluations"]["sampled"]) == 1
     captured = capsys.readouterr()
     assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
@@ -369,8 +476,10 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
-        for endpoint, reason in {"http://127.0.0.1:9": "cannot be reached",
-                                 f"http://127.0.0.1:{hub.server_address[1]}": "does not know it"}.items():
+        for endpoint, reason in {
+            "http://127.0.0.1:9": "cannot be reached",
+            f"http://127.0.0.1:{hub.server_address[1]}": "does not know it",
+        }.items():
             monkeypatch.setattr(ppo.huggingface_hub.constants, "ENDPOINT", endpoint)
             assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID, hub_timeout=1.0)[0] == str(ppo.FALLBACK_MODEL_DIR)
             assert reason in capsys.readouterr().err
@@ -384,7 +493,10 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     "argv, expected",
     [
         (["--env-id", "NoSuchEnv"], "Unknown env id"),
-        (["--model-id", "nobody/no-such-model", "--total-timesteps", "0", "--eval-episodes", "1"], "Hub cannot be reached"),
+        (
+            ["--model-id", "nobody/no-such-model", "--total-timesteps", "0", "--eval-episodes", "1"],
+            "Hub cannot be reached",
+        ),
         (["--model-id", "./no/such/dir", "--total-timesteps", "0", "--eval-episodes", "1"], "does not exist"),
         (["--total-timesteps", "0"], "add --eval-episodes"),
         (["--temperature", "0"], "--temperature must be > 0"),
@@ -414,9 +526,10 @@ def test_bf16_old_log_probs_come_from_the_update_pass(tiny_smolvlm_path: str) ->
     old = ppo.rescore(agent, prompts, torch.from_numpy(images), output, 1)
     for i in range(len(prompts)):
         with torch.no_grad():
-            _, _, new, _ = agent.get_action_and_value(prompts[i:i + 1], images[i:i + 1],
-                                                      ppo.Output(*(x[i:i + 1] for x in output)))
-        assert torch.equal(new.log_prob, old[i:i + 1])
+            _, _, new, _ = agent.get_action_and_value(
+                prompts[i : i + 1], images[i : i + 1], ppo.Output(*(x[i : i + 1] for x in output))
+            )
+        assert torch.equal(new.log_prob, old[i : i + 1])
     torch.testing.assert_close(old, rollout.log_prob, atol=0.05, rtol=0)  # the same policy, up to bf16 steps
 
 
@@ -438,4 +551,5 @@ def test_image_configuration_is_the_likelihood_scripts(tiny_smolvlm_path: str) -
     import ppo_vlm_likelihood
 
     assert inspect.getsource(ppo.configure_image_processor) == inspect.getsource(
-        ppo_vlm_likelihood.configure_image_processor)
+        ppo_vlm_likelihood.configure_image_processor
+    )

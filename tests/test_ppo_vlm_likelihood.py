@@ -40,18 +40,35 @@ DESCRIPTIONS = [
 # Different token lengths, a shared template prefix, and one action that is a prefix of another.
 ACTION_WORDS = ["move forward", "move left", "pick up", "move back", "move"]
 # small images (the fixtures see 64 or 32 pixels anyway), tiny LoRA, short rollouts
-TRAIN_FLAGS = ["--num-envs", "2", "--num-minibatches", "4", "--gradient-accumulation-steps", "2", "--lora-r", "8",
-               "--image-size", "64"]
-
+TRAIN_FLAGS = [
+    "--num-envs",
+    "2",
+    "--num-minibatches",
+    "4",
+    "--gradient-accumulation-steps",
+    "2",
+    "--lora-r",
+    "8",
+    "--image-size",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_text_lm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A two-layer Llama causal LM (text only) with a byte-level tokenizer and a plain chat template."""
-    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}assistant:{% endif %}")
-    tokenizer = make_tiny_vlm.build_byte_level_tokenizer(make_tiny_vlm.LLAVA_SPECIAL_TOKENS, template, bos_token="<s>",
-                                                         eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    tokenizer = make_tiny_vlm.build_byte_level_tokenizer(
+        make_tiny_vlm.LLAVA_SPECIAL_TOKENS,
+        template,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("tiny-text-lm"))
     LlamaForCausalLM(make_tiny_vlm.tiny_llama_config(tokenizer)).save_pretrained(path)
@@ -96,14 +113,11 @@ def hand_score(model, processor, prompt: str, image: np.ndarray | None, action: 
     logprobs = model(input_ids=ids, **extra).logits[0].log_softmax(-1)
     start = enc["input_ids"].shape[1] - 1
     token_logprobs = torch.stack([logprobs[start + j, t] for j, t in enumerate(action_ids)])
-    return {"mean": token_logprobs.mean(), "sum": token_logprobs.sum(),
-            "word": token_logprobs.sum() / len(action.split())}[reduction]
-
-
-
-
-
-
+    return {
+        "mean": token_logprobs.mean(),
+        "sum": token_logprobs.sum(),
+        "word": token_logprobs.sum() / len(action.split()),
+    }[reduction]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,8 +132,10 @@ def test_score_actions_matches_hand_computation(vlm, reduction: str) -> None:
     with torch.no_grad():
         scores = ppo.score_actions(model, processor, prompts, images, action_prompts, reduction)
         expected = torch.tensor(
-            [[hand_score(model, processor, p, im, a, reduction) for a in action_prompts] for p,
-             im in zip(prompts, images)]
+            [
+                [hand_score(model, processor, p, im, a, reduction) for a in action_prompts]
+                for p, im in zip(prompts, images)
+            ]
         )
     assert scores.shape == (len(prompts), len(action_prompts))
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
@@ -140,8 +156,12 @@ def test_score_actions_without_shared_tokens(vlm) -> None:
 
 def hand_scores(model, processor, prompts, images, action_prompts, reduction: str) -> torch.Tensor:
     """[B, A] hand_score of every (state, action) pair: one full prompt at a time."""
-    return torch.stack([torch.stack([hand_score(model, processor, p, im, a, reduction) for a in action_prompts])
-                        for p, im in zip(prompts, images)])
+    return torch.stack(
+        [
+            torch.stack([hand_score(model, processor, p, im, a, reduction) for a in action_prompts])
+            for p, im in zip(prompts, images)
+        ]
+    )
 
 
 def test_shared_prefix_equals_full_prompts_with_gradients(vlm) -> None:
@@ -151,8 +171,11 @@ def test_shared_prefix_equals_full_prompts_with_gradients(vlm) -> None:
     action_prompts = [ppo.ACTION_TEMPLATE.format(action=a) for a in ACTION_WORDS]
     weights = torch.randn(len(prompts), len(action_prompts), generator=torch.Generator().manual_seed(0))
     # Idefics v1: the decoder, its gated cross-attention and the perceiver (whose output pass 2 reuses)
-    params = [p for name, p in model.named_parameters()
-              if re.search(r"text_model|language_model|model\.layers|gated_cross_attn|perceiver", name)]
+    params = [
+        p
+        for name, p in model.named_parameters()
+        if re.search(r"text_model|language_model|model\.layers|gated_cross_attn|perceiver", name)
+    ]
     # the benchmark's batched full prompts hand images over with `images=`, which Idefics v1 appends to the text
     full_prompts = hand_scores if arch == "idefics" else score_actions_full_prompts
     results = []
@@ -187,19 +210,40 @@ def tiny_qwen2_vl(monkeypatch: pytest.MonkeyPatch):
         "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
         "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                "<|video_pad|>"]
-    tokenizer = make_tiny_vlm.build_byte_level_tokenizer(specials, template, eos_token="<|im_end|>",
-                                                         pad_token="<|endoftext|>")
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tokenizer = make_tiny_vlm.build_byte_level_tokenizer(
+        specials, template, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2)
     monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     config = Qwen2VLConfig(
-        text_config={"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 4,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
-        vision_config={"depth": 2, "embed_dim": 64, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2, "patch_size": 8,
-                       "spatial_merge_size": 2},
+        text_config={
+            "vocab_size": 384,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 64,
+            "hidden_size": 64,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+        },
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
@@ -223,8 +267,12 @@ def test_qwen2_vl_multimodal_rope_positions(monkeypatch) -> None:
         token_types = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, len(action_ids)))
         model.model.rope_deltas = None  # the model keeps RoPE offsets between calls
         logprobs = (
-            model(input_ids=ids, mm_token_type_ids=token_types, pixel_values=enc["pixel_values"],
-                  image_grid_thw=enc["image_grid_thw"])
+            model(
+                input_ids=ids,
+                mm_token_type_ids=token_types,
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+            )
             .logits[0]
             .log_softmax(-1)
         )
@@ -292,15 +340,30 @@ def test_idefics_v1_reads_the_image_and_trains(tiny_idefics_path: str, monkeypat
         assert (scores - black).abs().max() > 1e-3
         text_prompts, _ = states(processor, with_image=False)  # --no-image
         assert text_prompts[0].startswith("User: I am the agent")
-        torch.testing.assert_close(ppo.score_actions(model, processor, text_prompts, None, action_prompts),
-                                   hand_scores(model, processor, text_prompts, [None] * 3, action_prompts, "mean"),
-                                   atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            ppo.score_actions(model, processor, text_prompts, None, action_prompts),
+            hand_scores(model, processor, text_prompts, [None] * 3, action_prompts, "mean"),
+            atol=1e-4,
+            rtol=1e-5,
+        )
     lora = ppo.add_lora(model, 8, 16, ppo.LANGUAGE_MODEL_QKV)
     adapted = {name.split(".lora_")[0] for name, _ in lora.named_parameters() if ".lora_" in name}
-    assert adapted == {f"base_model.model.model.layers.{i}.self_attn.{proj}" for i in range(2)
-                       for proj in ("q_proj", "k_proj", "v_proj")}
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_idefics_path, "--total-timesteps", "8", "--num-steps",
-                   "4", *TRAIN_FLAGS)
+    assert adapted == {
+        f"base_model.model.model.layers.{i}.self_attn.{proj}"
+        for i in range(2)
+        for proj in ("q_proj", "k_proj", "v_proj")
+    }
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_idefics_path,
+        "--total-timesteps",
+        "8",
+        "--num-steps",
+        "4",
+        *TRAIN_FLAGS,
+    )
     assert g["global_step"] == 8 and g["agent"].with_image
     assert any(p.abs().sum() > 0 for name, p in g["agent"].named_parameters() if "lora_B" in name)
 
@@ -338,17 +401,40 @@ def test_4bit_lora_update_changes_only_lora_and_value_head(tiny_smolvlm_path: st
 # --------------------------------------------------------------------------------------------
 def test_end_to_end_frozenlake_with_checkpoint(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """A few hundred steps on FrozenLake8x8: logs, progress lines, a checkpoint whose adapter PeftModel loads."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "FrozenLake8x8",
-                   "--total-timesteps", "192", "--num-steps", "32", "--save-model", *TRAIN_FLAGS)
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--env-id",
+        "FrozenLake8x8",
+        "--total-timesteps",
+        "192",
+        "--num-steps",
+        "32",
+        "--save-model",
+        *TRAIN_FLAGS,
+    )
     assert g["global_step"] == 192
     out = capsys.readouterr().out
     assert "iteration 3/3 global_step=192 " in out
     run_dir = tmp_path / "runs" / g["run_name"]
     tags = scalar_tags(run_dir)
-    assert {"charts/SPS", "charts/learning_rate", "charts/success_rate", "charts/episodic_return",
-            "charts/episodic_length", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl",
-            "losses/clipfrac", "losses/explained_variance", "vlm/rollout_tokens_per_second",
-            "vlm/peak_memory_gib"} <= tags
+    assert {
+        "charts/SPS",
+        "charts/learning_rate",
+        "charts/success_rate",
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "losses/value_loss",
+        "losses/policy_loss",
+        "losses/entropy",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/explained_variance",
+        "vlm/rollout_tokens_per_second",
+        "vlm/peak_memory_gib",
+    } <= tags
 
     checkpoint = run_dir / "checkpoint"
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
@@ -363,16 +449,41 @@ def test_end_to_end_frozenlake_with_checkpoint(tiny_smolvlm_path: str, monkeypat
     model_state = torch.load(run_dir / "model" / "trainer_state.pt", weights_only=True)
     assert "optimizer" not in model_state and model_state["global_step"] == 192
     assert all(torch.equal(model_state["value_head"][k], v) for k, v in g["agent"].value_head.state_dict().items())
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--resume", str(run_dir / "model"),
-                   "--total-timesteps", "0", "--eval-episodes", "1", *TRAIN_FLAGS)
-    assert len(g["evaluations"]["greedy"]) == 1 and all(torch.equal(p, trained[n]) for n, p in
-                                                         g["agent"].model.named_parameters() if "lora_" in n)
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--resume",
+        str(run_dir / "model"),
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "1",
+        *TRAIN_FLAGS,
+    )
+    assert len(g["evaluations"]["greedy"]) == 1 and all(
+        torch.equal(p, trained[n]) for n, p in g["agent"].model.named_parameters() if "lora_" in n
+    )
 
 
 def test_end_to_end_fetch(tiny_llava_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """A few hundred steps on Fetch (macro actions) with the LLaVA fixture."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_llava_path, "--env-id", "Fetch", "--total-timesteps",
-                   "192", "--num-steps", "32", "--reduction", "word", *TRAIN_FLAGS)
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_llava_path,
+        "--env-id",
+        "Fetch",
+        "--total-timesteps",
+        "192",
+        "--num-steps",
+        "32",
+        "--reduction",
+        "word",
+        *TRAIN_FLAGS,
+    )
     assert g["global_step"] == 192 and g["action_names"] == text_envs.MACRO_ACTION_NAMES
     assert g["agent"].action_prompts[4].endswith("would be to pick up")
     assert "iteration 3/3 global_step=192 " in capsys.readouterr().out
@@ -380,10 +491,14 @@ def test_end_to_end_fetch(tiny_llava_path: str, monkeypatch, tmp_path: Path, cap
 
 def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """Kill a run after it saved a checkpoint; --resume continues from the next iteration in the same run directory."""
-    argv = ["--model-id", tiny_smolvlm_path, "--total-timesteps", "100000", "--num-steps", "4",
-            *TRAIN_FLAGS]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=tmp_path, env=SUBPROCESS_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["--model-id", tiny_smolvlm_path, "--total-timesteps", "100000", "--num-steps", "4", *TRAIN_FLAGS]
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *argv],
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     try:
         while not list(tmp_path.glob("runs/*/checkpoint/trainer_state.pt")) and time.time() < deadline:
@@ -395,8 +510,19 @@ def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
     saved = torch.load(state_file, weights_only=True)
     done = saved["iteration"]
     total = (done + 2) * 8
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--total-timesteps", str(total),
-                   "--num-steps", "4", "--resume", str(state_file.parent), *TRAIN_FLAGS)
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--total-timesteps",
+        str(total),
+        "--num-steps",
+        "4",
+        "--resume",
+        str(state_file.parent),
+        *TRAIN_FLAGS,
+    )
     out = capsys.readouterr().out
     assert g["run_name"] == saved["run_name"] and g["global_step"] == total
     lines = [line for line in out.splitlines() if line.startswith("iteration ")]
@@ -405,12 +531,24 @@ def test_killed_run_resumes(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
     assert torch.load(state_file, weights_only=True)["iteration"] == done + 2
     # a checkpoint fixes the LoRA shape: other LoRA flags are one sentence, not a size-mismatch traceback
     with pytest.raises(SystemExit, match="was trained with --lora-r 8, not 16: pass --lora-r 8 to resume it"):
-        run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--num-steps", "4",
-                   "--resume", str(state_file.parent), *TRAIN_FLAGS, "--lora-r", "16")
+        run_script(
+            monkeypatch,
+            tmp_path,
+            "--model-id",
+            tiny_smolvlm_path,
+            "--num-steps",
+            "4",
+            "--resume",
+            str(state_file.parent),
+            *TRAIN_FLAGS,
+            "--lora-r",
+            "16",
+        )
 
 
 def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: Path) -> None:
-    """Two processes on CPU (gloo, launched with torchrun): after updates, LoRA and value head are equal on both ranks."""
+    """Two processes on CPU (gloo, launched with torchrun): after updates, LoRA and value head are equal on both
+    ranks."""
     wrapper = tmp_path / "run_and_dump.py"
     wrapper.write_text(
         "import os, runpy, sys, torch\n"
@@ -419,10 +557,25 @@ def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: 
         "weights = {n: p.detach() for n, p in g['agent'].named_parameters() if p.requires_grad}\n"
         "torch.save(weights, f\"weights_{os.environ['RANK']}.pt\")\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
-           "--model-id", tiny_smolvlm_path, "--total-timesteps", "32", "--num-steps", "4", *TRAIN_FLAGS]
-    result = subprocess.run(cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True,
-                            timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(wrapper),
+        "--model-id",
+        tiny_smolvlm_path,
+        "--total-timesteps",
+        "32",
+        "--num-steps",
+        "4",
+        *TRAIN_FLAGS,
+    ]
+    result = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iteration 2/2 global_step=32 " in result.stdout  # 2 processes x 2 envs x 4 steps per iteration
     rank0, rank1 = (torch.load(tmp_path / f"weights_{r}.pt", weights_only=True) for r in (0, 1))
@@ -431,19 +584,50 @@ def test_two_processes_keep_identical_weights(tiny_smolvlm_path: str, tmp_path: 
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if "lora_B" in k)  # updated: LoRA B starts at zero
 
 
-def test_untuned_model_and_random_policy_evaluation(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
-                                                    capsys) -> None:
+def test_untuned_model_and_random_policy_evaluation(
+    tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys
+) -> None:
     """--total-timesteps 0 --eval-episodes N evaluates the untuned model; --random-policy evaluates random actions."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "Fetch", "--total-timesteps",
-                   "0", "--eval-episodes", "3")
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--env-id",
+        "Fetch",
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "3",
+    )
     assert [len(g["evaluations"][mode]) for mode in ("greedy", "sampled")] == [3, 3] and g["global_step"] == 0
     assert re.search(r"eval greedy: episodic_return=-?\d.* over 3 episodes", capsys.readouterr().out)
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-id", "Fetch", "--total-timesteps",
-                   "0", "--eval-episodes", "2", "--no-image")  # the LLM ablation: the VLM reads the description only
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--env-id",
+        "Fetch",
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "2",
+        "--no-image",
+    )  # the LLM ablation: the VLM reads the description only
     assert len(g["evaluations"]["sampled"]) == 2 and not g["agent"].with_image
     with pytest.raises(SystemExit) as exit_info:  # the random policy loads no model and ends after its evaluation
-        run_script(monkeypatch, tmp_path, "--random-policy", "--env-id", "FrozenLake8x8", "--total-timesteps", "0",
-                   "--eval-episodes", "5")
+        run_script(
+            monkeypatch,
+            tmp_path,
+            "--random-policy",
+            "--env-id",
+            "FrozenLake8x8",
+            "--total-timesteps",
+            "0",
+            "--eval-episodes",
+            "5",
+        )
     assert exit_info.value.code is None
     assert re.search(r"eval random: episodic_return=.* over 5 episodes", capsys.readouterr().out)
     (run_dir,) = (tmp_path / "runs").glob("FrozenLake8x8__*")
@@ -505,10 +689,14 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--env-id", "NoSuchEnv", "--total-timesteps", "0", "--eval-episodes", "1", "--random-policy"],
-         "Unknown env id"),
-        (["--model-id", "nobody/no-such-model", "--total-timesteps", "0", "--eval-episodes", "1"],
-         "Hub cannot be reached"),
+        (
+            ["--env-id", "NoSuchEnv", "--total-timesteps", "0", "--eval-episodes", "1", "--random-policy"],
+            "Unknown env id",
+        ),
+        (
+            ["--model-id", "nobody/no-such-model", "--total-timesteps", "0", "--eval-episodes", "1"],
+            "Hub cannot be reached",
+        ),
         (["--model-id", "./no/such/dir", "--total-timesteps", "0", "--eval-episodes", "1"], "does not exist"),
         (["--random-policy"], "--random-policy only evaluates"),
         (["--total-timesteps", "0"], "add --eval-episodes"),
@@ -526,8 +714,18 @@ def test_bad_input_gives_one_clear_error(argv: list[str], expected: str, monkeyp
 
 def test_text_only_model_rejects_image_options(tiny_text_lm_path: str, monkeypatch, tmp_path: Path) -> None:
     """A text-only model with --image-size is a clear error."""
-    message = script_error(monkeypatch, tmp_path, "--model-id", tiny_text_lm_path, "--image-size", "64",
-                           "--total-timesteps", "0", "--eval-episodes", "1")
+    message = script_error(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_text_lm_path,
+        "--image-size",
+        "64",
+        "--total-timesteps",
+        "0",
+        "--eval-episodes",
+        "1",
+    )
     assert "text-only model" in message
 
 
@@ -539,8 +737,9 @@ def test_one_tile_per_frame_unless_asked(tiny_smolvlm_path: str) -> None:
     the script's configuration gives one tile, and --image-splitting keeps the processor's own setting."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path)
     frame = [np.zeros((256, 256, 3), np.uint8)]
-    prompt = ppo.format_state_prompt(AutoProcessor.from_pretrained(tiny_smolvlm_path), ppo.LISTING_STATE_TEMPLATE,
-                                     "x", ["a"], True)
+    prompt = ppo.format_state_prompt(
+        AutoProcessor.from_pretrained(tiny_smolvlm_path), ppo.LISTING_STATE_TEMPLATE, "x", ["a"], True
+    )
 
     def image_tokens(image_splitting: bool) -> int:
         processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
@@ -557,8 +756,23 @@ def test_one_tile_per_frame_unless_asked(tiny_smolvlm_path: str) -> None:
 
 def test_no_image_run_updates(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path) -> None:
     """--no-image trains through the PPO update (the empty image batch once crashed its reshape)."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--no-image", "--total-timesteps", "16",
-                   "--num-steps", "8", "--num-envs", "2", "--num-minibatches", "4", "--lora-r", "8")
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--no-image",
+        "--total-timesteps",
+        "16",
+        "--num-steps",
+        "8",
+        "--num-envs",
+        "2",
+        "--num-minibatches",
+        "4",
+        "--lora-r",
+        "8",
+    )
     assert g["global_step"] == 16 and g["b_images"].shape[0] == 16 and not g["agent"].with_image
     assert any(p.abs().sum() > 0 for n, p in g["agent"].model.named_parameters() if "lora_B" in n)
 
@@ -567,8 +781,24 @@ def test_advantages_are_normalised_over_the_whole_batch(tiny_smolvlm_path: str, 
     """With 2-sample minibatches, per-minibatch normalisation turns every pair into -1 / +1 (mean 0, so with a frozen
     policy the policy loss is exactly 0); over the whole batch the advantages keep their size, and the batch has
     mean 0 and standard deviation 1."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--total-timesteps", "8", "--num-steps",
-                   "4", "--num-envs", "2", "--num-minibatches", "4", "--lora-r", "8", "--learning-rate", "0")
+    g = run_script(
+        monkeypatch,
+        tmp_path,
+        "--model-id",
+        tiny_smolvlm_path,
+        "--total-timesteps",
+        "8",
+        "--num-steps",
+        "4",
+        "--num-envs",
+        "2",
+        "--num-minibatches",
+        "4",
+        "--lora-r",
+        "8",
+        "--learning-rate",
+        "0",
+    )
     adv = g["b_advantages"]
     assert abs(float(adv.mean())) < 1e-5 and abs(float(adv.std(unbiased=False)) - 1) < 1e-4
     raw = g["advantages"].reshape(-1)
@@ -578,16 +808,35 @@ def test_advantages_are_normalised_over_the_whole_batch(tiny_smolvlm_path: str, 
     assert abs(float(adv[last].mean())) > 1e-3
 
 
-def test_env_seeds_choose_the_maps_and_eval_seeds_hold_out(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path,
-                                                           capsys) -> None:
+def test_env_seeds_choose_the_maps_and_eval_seeds_hold_out(
+    tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys
+) -> None:
     """--env-seeds sets the training envs (one FrozenLake map each, --num-envs following them); --eval-seeds evaluates
     on other maps, one episode each here; the greedy evaluation takes the argmax action, so two of them agree."""
     lengths = []
     for _ in range(2):
-        g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--env-seeds", "7", "11", "--lora-r", "8",
-                       "--total-timesteps", "0", "--eval-episodes", "3", "--eval-seeds", "20", "21", "22")
+        g = run_script(
+            monkeypatch,
+            tmp_path,
+            "--model-id",
+            tiny_smolvlm_path,
+            "--env-seeds",
+            "7",
+            "11",
+            "--lora-r",
+            "8",
+            "--total-timesteps",
+            "0",
+            "--eval-episodes",
+            "3",
+            "--eval-seeds",
+            "20",
+            "21",
+            "22",
+        )
         assert g["args"].num_envs == 2 and g["env_seeds"] == [7, 11]
         assert [e.get_wrapper_attr("grid").tolist() for e in g["eval_envs"].envs] == [
-            text_envs.make_env("FrozenLake8x8", s).get_wrapper_attr("grid").tolist() for s in (20, 21, 22)]
+            text_envs.make_env("FrozenLake8x8", s).get_wrapper_attr("grid").tolist() for s in (20, 21, 22)
+        ]
         lengths.append([e[1] for e in g["evaluations"]["greedy"]])
     assert lengths[0] == lengths[1]

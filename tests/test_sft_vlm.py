@@ -25,8 +25,11 @@ SMALL = ["--num-demos", "2", "--num-epochs", "1", "--batch-size", "8", "--eval-e
 
 def demos(fmt: str, env_id: str, n: int = 3, noise: float = 0.0) -> tuple[sft_vlm.Args, list[str], list[sft_vlm.Demo]]:
     args = sft_vlm.Args(format=fmt, env_id=env_id, num_demos=n, expert_noise=noise)
-    names = likelihood.env_action_names(env_id) if fmt == "likelihood" else list(
-        cot.make_env(env_id, 0)().get_wrapper_attr("action_names"))
+    names = (
+        likelihood.env_action_names(env_id)
+        if fmt == "likelihood"
+        else list(cot.make_env(env_id, 0)().get_wrapper_attr("action_names"))
+    )
     return args, names, sft_vlm.collect_demos(args, names, np.random.default_rng(0))[0]
 
 
@@ -36,8 +39,9 @@ def test_noiseless_demonstrations_are_the_expert_and_noise_is_labelled_as_taken(
     names = likelihood.env_action_names("FrozenLake8x8")
     clean, success = sft_vlm.collect_demos(args, names, np.random.default_rng(0))
     assert success == 1.0 and len(clean) >= 5 * 14  # the 8x8 lake's goal is at least 14 moves away
-    noisy, _ = sft_vlm.collect_demos(sft_vlm.Args(num_demos=20, expert_noise=1.0, demo_seed=2000), names,
-                                     np.random.default_rng(0))
+    noisy, _ = sft_vlm.collect_demos(
+        sft_vlm.Args(num_demos=20, expert_noise=1.0, demo_seed=2000), names, np.random.default_rng(0)
+    )
     counts = np.bincount([d.action for d in noisy], minlength=4) / len(noisy)
     assert np.all(np.abs(counts - 0.25) < 0.1)
 
@@ -53,15 +57,17 @@ def test_numberline_answer_reads_the_true_state_and_parses_to_the_taken_action()
     assert ("add one" in first.answer) == (info["target"] > info["current"])
     for d in data:
         assert cot.parse_action(d.answer, names) == d.action
-    noisy = sft_vlm.cot_answer("NumberLine", names, {}, {"current": 1, "target": 4}, expert=1, action=0,
-                               with_thoughts=False)
+    noisy = sft_vlm.cot_answer(
+        "NumberLine", names, {}, {"current": 1, "target": 4}, expert=1, action=0, with_thoughts=False
+    )
     assert noisy == '{"current number": "1", "target number": "4", "action": "-"}'
 
 
 @pytest.fixture(scope="module")
 def smolvlm(tiny_smolvlm_path: str):
     return AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval(), AutoProcessor.from_pretrained(
-        tiny_smolvlm_path)
+        tiny_smolvlm_path
+    )
 
 
 def test_trains_the_prompts_the_ppo_scripts_score(smolvlm, monkeypatch) -> None:
@@ -98,16 +104,19 @@ def test_trains_the_prompts_the_ppo_scripts_score(smolvlm, monkeypatch) -> None:
     (_, _, prompts, images, output), kwargs = seen["cot"]
     env = cot.make_env("NumberLine", args.demo_seed)()
     obs, info = env.reset()
-    _, ppo_prompts, ppo_images = cot.observation_prompts({k: np.array([v]) for k, v in obs.items()},
-                                                        {"formula": [""]}, "NumberLine", processor, names, True)
+    _, ppo_prompts, ppo_images = cot.observation_prompts(
+        {k: np.array([v]) for k, v in obs.items()}, {"formula": [""]}, "NumberLine", processor, names, True
+    )
     assert prompts == ppo_prompts and np.array_equal(images, ppo_images)
     assert kwargs == {"thought_coef": 1.0, "temperature": 1.0}
     answer_ids = processor.tokenizer(data[0].answer, add_special_tokens=False)["input_ids"]
-    assert output.ids[0, :int(output.mask[0].sum())].tolist() == answer_ids + [processor.tokenizer.eos_token_id]
+    assert output.ids[0, : int(output.mask[0].sum())].tolist() == answer_ids + [processor.tokenizer.eos_token_id]
 
 
-@pytest.mark.parametrize("fmt, env_id, loss", [("likelihood", "FrozenLake8x8", "policy"),
-                                               ("likelihood", "FrozenLake8x8", "tokens"), ("cot", "NumberLine", "")])
+@pytest.mark.parametrize(
+    "fmt, env_id, loss",
+    [("likelihood", "FrozenLake8x8", "policy"), ("likelihood", "FrozenLake8x8", "tokens"), ("cot", "NumberLine", "")],
+)
 def test_loss_falls(fmt: str, env_id: str, loss: str, tiny_smolvlm_path: str) -> None:
     """Thirty steps on the same few demonstrations halve the loss of the tiny model (all weights train)."""
     torch.manual_seed(0)
@@ -115,8 +124,11 @@ def test_loss_falls(fmt: str, env_id: str, loss: str, tiny_smolvlm_path: str) ->
     processor = AutoProcessor.from_pretrained(tiny_smolvlm_path)
     args, names, data = demos(fmt, env_id, n=2)
     args.loss = loss or args.loss
-    agent = likelihood.Agent(model, processor, names, likelihood.state_template(env_id), likelihood.ACTION_TEMPLATE) \
-        if fmt == "likelihood" else None
+    agent = (
+        likelihood.Agent(model, processor, names, likelihood.state_template(env_id), likelihood.ACTION_TEMPLATE)
+        if fmt == "likelihood"
+        else None
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2 if loss == "policy" else 3e-3)
     batch = data[:8]  # -log pi falls towards the entropy of these labels, 0.56 nats for 6 / 2 of two actions
     losses = []
@@ -132,28 +144,50 @@ def test_loss_falls(fmt: str, env_id: str, loss: str, tiny_smolvlm_path: str) ->
 def test_saved_model_loads_in_both_ppo_scripts(tiny_smolvlm_path: str, monkeypatch, tmp_path: Path, capsys) -> None:
     """A LoRA run merges its adapter into the saved folder (the same scores as the trained model), logs its tags,
     and the folder is a --model-id for both PPO scripts."""
-    g = run_script(monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--lora-r", "8", "--learning-rate", "1e-2",
-                   *SMALL)
+    g = run_script(
+        monkeypatch, tmp_path, "--model-id", tiny_smolvlm_path, "--lora-r", "8", "--learning-rate", "1e-2", *SMALL
+    )
     out = capsys.readouterr().out
     assert "eval greedy (" in out and "eval sampled (" in out and "2 held-out episodes): success_rate=" in out
     run_dir = tmp_path / "runs" / g["run_name"]
-    assert {"losses/sft_loss", "eval/sampled_success_rate", "eval/greedy_success_rate", "sft/demonstrator_success_rate"} <= \
-        scalar_tags(run_dir)
+    assert {
+        "losses/sft_loss",
+        "eval/sampled_success_rate",
+        "eval/greedy_success_rate",
+        "sft/demonstrator_success_rate",
+    } <= scalar_tags(run_dir)
     saved = run_dir / "model"
     model, processor = AutoModelForImageTextToText.from_pretrained(saved).eval(), AutoProcessor.from_pretrained(saved)
     prompts, images = g["agent"].observe({"text": [g["demos"][0].text], "image": g["demos"][0].image[None]})
     with torch.no_grad():
         trained = likelihood.score_actions(g["model"], g["processor"], prompts, images, g["agent"].action_prompts)
         loaded = likelihood.score_actions(model, processor, prompts, images, g["agent"].action_prompts)
-        base = likelihood.score_actions(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval(),
-                                        processor, prompts, images, g["agent"].action_prompts)
+        base = likelihood.score_actions(
+            AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval(),
+            processor,
+            prompts,
+            images,
+            g["agent"].action_prompts,
+        )
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
     assert (loaded - base).abs().max() > 1e-3
 
     for script in ("ppo_vlm_likelihood.py", "ppo_vlm_cot.py"):
         env = ["--env-id", "NumberLine", "--max-new-tokens", "8"] if script == "ppo_vlm_cot.py" else []
-        run_as_main(str(REPO_ROOT / script), monkeypatch, tmp_path, "--model-id", str(saved), "--total-timesteps",
-                    "0", "--eval-episodes", "1", "--num-envs", "1", *env)
+        run_as_main(
+            str(REPO_ROOT / script),
+            monkeypatch,
+            tmp_path,
+            "--model-id",
+            str(saved),
+            "--total-timesteps",
+            "0",
+            "--eval-episodes",
+            "1",
+            "--num-envs",
+            "1",
+            *env,
+        )
         assert "eval sampled: episodic_return=" in capsys.readouterr().out
 
 
@@ -183,8 +217,28 @@ def test_teaching_rebuilds_bit_for_bit(monkeypatch, tmp_path: Path) -> None:
     weights = []
     for i in range(2):
         init = build_teachable_smolvlm(str(tmp_path / f"init{i}"), corpus, 64, 8)
-        run_script(monkeypatch, tmp_path, "--model-id", init, "--lora-r", "0", "--output-dir",
-                   str(tmp_path / f"out{i}"), "--num-demos", "2", "--num-epochs", "1", "--eval-episodes", "0", "--batch-size", "8")
-        weights.append(((tmp_path / f"init{i}" / "model.safetensors").read_bytes(),
-                        (tmp_path / f"out{i}" / "model.safetensors").read_bytes()))
+        run_script(
+            monkeypatch,
+            tmp_path,
+            "--model-id",
+            init,
+            "--lora-r",
+            "0",
+            "--output-dir",
+            str(tmp_path / f"out{i}"),
+            "--num-demos",
+            "2",
+            "--num-epochs",
+            "1",
+            "--eval-episodes",
+            "0",
+            "--batch-size",
+            "8",
+        )
+        weights.append(
+            (
+                (tmp_path / f"init{i}" / "model.safetensors").read_bytes(),
+                (tmp_path / f"out{i}" / "model.safetensors").read_bytes(),
+            )
+        )
     assert weights[0] == weights[1] and weights[0][0] != weights[0][1]

@@ -12,8 +12,13 @@ import pytest
 from script_helpers import SUBPROCESS_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PPO_SCRIPTS = ["ppo_cnn_baseline.py", "ppo_lvlm2p_distill.py", "vlm_car_reward.py", "ppo_vlm_likelihood.py",
-               "ppo_vlm_cot.py"]
+PPO_SCRIPTS = [
+    "ppo_cnn_baseline.py",
+    "ppo_lvlm2p_distill.py",
+    "vlm_car_reward.py",
+    "ppo_vlm_likelihood.py",
+    "ppo_vlm_cot.py",
+]
 SCRIPTS = [*PPO_SCRIPTS, "sft_vlm.py"]
 COMPANIONS = ["lvlm2p_teachers.py", "car_coders.py", "car_sandbox.py"]
 VLM_SCRIPTS = ["ppo_vlm_likelihood.py", "ppo_vlm_cot.py"]
@@ -25,6 +30,7 @@ COPIES = {
     "load_checkpoint": VLM_SCRIPTS,
     "configure_image_processor": VLM_SCRIPTS,
     "add_lora": VLM_SCRIPTS,
+    "evaluate": VLM_SCRIPTS,
     "hub_status": [*VLM_SCRIPTS, "lvlm2p_teachers.py", "car_coders.py"],
     "resolve_model_source": [*VLM_SCRIPTS, "lvlm2p_teachers.py", "car_coders.py"],
     "png_data_url": ["lvlm2p_teachers.py", "car_coders.py"],
@@ -80,6 +86,7 @@ def test_every_companion_and_script_is_needed_by_name() -> None:
 
 
 TINY_SMOLVLM = str(REPO_ROOT / "assets" / "tiny-smolvlm")
+# fmt: off
 SMOKE = {  # one short iteration of each script, offline
     "ppo_cnn_baseline.py": ["--env-id", "FrozenLake8x8", "--total-timesteps", "64", "--num-envs", "1", "--num-steps",
                             "64", "--num-minibatches", "2", "--checkpoint-freq", "0"],
@@ -97,6 +104,7 @@ SMOKE = {  # one short iteration of each script, offline
     "sft_vlm.py": ["--model-id", TINY_SMOLVLM, "--format", "likelihood", "--num-demos", "2", "--num-epochs", "1",
                    "--eval-episodes", "1", "--lora-r", "8", "--no-save-model"],
 }
+# fmt: on
 # what a copied script without assets/ says when its default model is neither cached nor on the Hub
 NO_ASSETS = {
     "ppo_vlm_likelihood.py": ["--total-timesteps", "0", "--eval-episodes", "1"],
@@ -112,8 +120,14 @@ def copy_with_needs(script: str, folder: Path) -> None:
 
 
 def run_copy(script: str, folder: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *argv], cwd=folder, env={**SUBPROCESS_ENV, "PYTHONPATH": ""},
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, script, *argv],
+        cwd=folder,
+        env={**SUBPROCESS_ENV, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

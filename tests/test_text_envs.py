@@ -39,8 +39,9 @@ def test_macro_actions_only_for_grids():
         make_env("Fetch", action_set="big")
 
 
-@pytest.mark.parametrize("env_id", ["FrozenLake8x8", "FrozenLake8x8-v1", *GRID_IDS, "MiniGrid-Empty-5x5-v0",
-                                    *text_envs.CARD_ENVS])
+@pytest.mark.parametrize(
+    "env_id", ["FrozenLake8x8", "FrozenLake8x8-v1", *GRID_IDS, "MiniGrid-Empty-5x5-v0", *text_envs.CARD_ENVS]
+)
 def test_observations_fit_their_space(env_id):
     env = make_env(env_id, seed=0)
     obs, info = env.reset()
@@ -133,8 +134,11 @@ def test_frozenlake_descriptions_agree_with_state():
             (r, c), holes, goal = parse_frozenlake(obs["text"])
             state = obs["state"]
             assert state[r, c, 2] == 1 and state[..., 2].sum() == 1
-            expected = {name for name, (dr, dc) in zip(["west", "south", "east", "north"], text_envs.FROZENLAKE_MOVES)
-                        if 0 <= r + dr < 8 and 0 <= c + dc < 8 and state[r + dr, c + dc, 0]}
+            expected = {
+                name
+                for name, (dr, dc) in zip(["west", "south", "east", "north"], text_envs.FROZENLAKE_MOVES)
+                if 0 <= r + dr < 8 and 0 <= c + dc < 8 and state[r + dr, c + dc, 0]
+            }
             assert holes == expected
             gr, gc = np.argwhere(state[..., 1])[0]
             if (gr, gc) != (r, c):
@@ -159,7 +163,9 @@ def test_frozenlake_image_shows_the_agent():
 def parse_view_description(text: str) -> tuple[set, set, str | None]:
     """Objects as (name, ahead, right), adjacent walls / lava as (kind, where), and the carried object."""
     objects = set()
-    for name, where in re.findall(r"You see (an? [a-z ]+?) ((?:\d+ steps? [a-z ]+?)(?: and \d+ steps? [a-z ]+?)?)\.", text):
+    for name, where in re.findall(
+        r"You see (an? [a-z ]+?) ((?:\d+ steps? [a-z ]+?)(?: and \d+ steps? [a-z ]+?)?)\.", text
+    ):
         ahead = right = 0
         for n, word in re.findall(r"(\d+) steps? (ahead|to the right|to the left)", where):
             if word == "ahead":
@@ -208,8 +214,11 @@ def test_minigrid_descriptions_agree_with_state_and_world(env_id):
             assert cell_name(u.grid.get(x, y)) == name
             checked_objects += 1
         for kind, where in [("a wall", "wall"), ("lava", "lava")]:
-            for place, pos in [("in front of you", u.agent_pos + fwd), ("on your left", u.agent_pos - right),
-                               ("on your right", u.agent_pos + right)]:
+            for place, pos in [
+                ("in front of you", u.agent_pos + fwd),
+                ("on your left", u.agent_pos - right),
+                ("on your right", u.agent_pos + right),
+            ]:
                 cell = u.grid.get(*pos)
                 assert ((kind, place) in adjacent) == (cell is not None and cell.type == where)
         assert carried == (cell_name(u.carrying) if u.carrying else None)
@@ -230,7 +239,9 @@ def test_minigrid_image_is_the_full_grid_render():
     assert np.array_equal(obs["image"], u.grid.render(tile, u.agent_pos, u.agent_dir))
 
 
-@pytest.mark.parametrize("env_id", ["MiniGrid-DoorKey-8x8-v0", "UnlockPickup", "DynamicObstacles", "GoToRedBallGrey", "Fetch"])
+@pytest.mark.parametrize(
+    "env_id", ["MiniGrid-DoorKey-8x8-v0", "UnlockPickup", "DynamicObstacles", "GoToRedBallGrey", "Fetch"]
+)
 def test_minigrid_frames_redrawn_cell_by_cell_equal_full_renders(env_id):
     # only changed cells are drawn again after an episode's first frame: doors opened, keys picked up and
     # dropped, boxes toggled, obstacles moving and new episodes must all give MiniGrid's own full render
@@ -273,18 +284,32 @@ def test_success_is_the_env_saying_done():
     # walking into lava ends the episode without success
     env.reset(seed=0)
     u = env.unwrapped
-    lava = next((x, y) for x in range(u.width) for y in range(u.height)
-                if u.grid.get(x, y) is not None and u.grid.get(x, y).type == "lava")
+    lava = next(
+        (x, y)
+        for x in range(u.width)
+        for y in range(u.height)
+        if u.grid.get(x, y) is not None and u.grid.get(x, y).type == "lava"
+    )
     u.agent_pos, u.agent_dir = (lava[0] - 1, lava[1]), 0
     assert u.grid.get(*u.agent_pos) is None
     _, reward, terminated, _, info = env.step(2)
     assert terminated and reward == 0 and not info["success"]
 
 
-EXPERT_IDS = [("FrozenLake8x8", "primitive"), ("LavaGap", "primitive"), ("Fetch", "primitive"), ("Fetch", "macro"),
-              ("GoToRedBallGrey", "primitive"), ("GoToRedBallGrey", "macro"), ("GoToDoor", "primitive"),
-              ("DoorKey", "primitive"), ("Unlock", "primitive"), ("UnlockPickup", "primitive"),
-              ("NumberLine", "primitive"), ("EZPoints", "primitive")]
+EXPERT_IDS = [
+    ("FrozenLake8x8", "primitive"),
+    ("LavaGap", "primitive"),
+    ("Fetch", "primitive"),
+    ("Fetch", "macro"),
+    ("GoToRedBallGrey", "primitive"),
+    ("GoToRedBallGrey", "macro"),
+    ("GoToDoor", "primitive"),
+    ("DoorKey", "primitive"),
+    ("Unlock", "primitive"),
+    ("UnlockPickup", "primitive"),
+    ("NumberLine", "primitive"),
+    ("EZPoints", "primitive"),
+]
 
 
 @pytest.mark.parametrize("env_id,action_set", EXPERT_IDS)

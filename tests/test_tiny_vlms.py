@@ -129,9 +129,7 @@ def test_chat_template_matches_real_format(family_name: str, processor: Processo
     assert processor.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == expected
 
 
-def test_forward_consumes_image_features(
-    family_name: str, processor: ProcessorMixin, model: PreTrainedModel
-) -> None:
+def test_forward_consumes_image_features(family_name: str, processor: ProcessorMixin, model: PreTrainedModel) -> None:
     """Logits are finite, image tokens match the vision features, and the image changes later logits only."""
     inputs = prompt_inputs(processor, Image.fromarray(random_image(0)))
     other = prompt_inputs(processor, random_image(1))

@@ -32,8 +32,10 @@ KEY_PROGRAM = (REFERENCE / "DoorKey-8x8" / "subtask_1.py").read_text()
 def test_allowed_code_loads_without_its_imports():
     source = load_checker(KEY_PROGRAM)
     assert "import" not in source and "def check(frame)" in source
-    assert load_checker("import math\nLIMIT = (1, 2)\ndef helper(x, y=2):\n    return math.sqrt(x) > y\n"
-                        "def check(frame):\n    return helper(float(frame.mean()))")
+    assert load_checker(
+        "import math\nLIMIT = (1, 2)\ndef helper(x, y=2):\n    return math.sqrt(x) > y\n"
+        "def check(frame):\n    return helper(float(frame.mean()))"
+    )
 
 
 def test_a_vector_step_of_frames_fits_in_the_pipe_and_comes_back_right():
@@ -54,8 +56,9 @@ def reference_trajectories(env_id: str, tile: int, num_expert: int, num_random: 
     env = text_envs.make_env(env_id, image_size=tile * max(width, height))
     expert = [car.collect_trajectory(env, car.VERIFY_SEED + i, True, "image") for i in range(num_expert)]
     length = car.RANDOM_LENGTH * max(len(frames) - 1 for frames in expert)
-    random_play = [car.collect_trajectory(env, car.VERIFY_SEED + 100 + i, False, "image", length)
-                   for i in range(num_random)]
+    random_play = [
+        car.collect_trajectory(env, car.VERIFY_SEED + 100 + i, False, "image", length) for i in range(num_random)
+    ]
     return expert, random_play
 
 
@@ -85,32 +88,61 @@ def test_verification_accepts_the_unlockpickup_reference_programs():
     assert result.accepted and result.expert_completed == [4, 4, 4], result.failing
 
 
-@pytest.mark.parametrize("programs, failing, reason", [
-    (["def check(frame):\n    return True"] * 3, 0, "already True in the first frame"),
-    ([KEY_PROGRAM, "def check(frame):\n    return False", KEY_PROGRAM], 1, "in only 0 of 4 trajectories"),
-    ([KEY_PROGRAM, KEY_PROGRAM, (REFERENCE / "DoorKey-8x8" / "subtask_3.py").read_text()], 1, "random play completed"),
-    ([KEY_PROGRAM, "def check(frame):\n    return 1 / 0 > 0", KEY_PROGRAM], 1, "in only 0 of 4 trajectories"),
-], ids=["always true", "always false", "fires on random play", "raises"])
+@pytest.mark.parametrize(
+    "programs, failing, reason",
+    [
+        (["def check(frame):\n    return True"] * 3, 0, "already True in the first frame"),
+        ([KEY_PROGRAM, "def check(frame):\n    return False", KEY_PROGRAM], 1, "in only 0 of 4 trajectories"),
+        (
+            [KEY_PROGRAM, KEY_PROGRAM, (REFERENCE / "DoorKey-8x8" / "subtask_3.py").read_text()],
+            1,
+            "random play completed",
+        ),
+        ([KEY_PROGRAM, "def check(frame):\n    return 1 / 0 > 0", KEY_PROGRAM], 1, "in only 0 of 4 trajectories"),
+    ],
+    ids=["always true", "always false", "fires on random play", "raises"],
+)
 def test_verification_refuses_bad_programs(doorkey8_trajectories, programs, failing, reason):
     result = verify(programs, doorkey8_trajectories)
     assert not result.accepted
     assert failing in result.failing and reason in result.failing[failing], result.failing
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("Here it is:\n```python\nimport numpy as np\ndef check(frame):\n    return True\n```\nDone.",
-     "import numpy as np\ndef check(frame):\n    return True\n"),
-    ("```\ndef check(frame):\n    return False\n```", "def check(frame):\n    return False\n"),
-    ("```python\nX = 1\n```\nand\n```python\ndef check(frame):\n    return X > 0\n```",
-     "def check(frame):\n    return X > 0\n"),
-    ("Sure. The program:\nimport math\ndef check(frame):\n    return math.pi > 3\nIt checks pi.",
-     "import math\ndef check(frame):\n    return math.pi > 3\n"),
-    ("```python\ndef check(frame):\n    return frame.sum() > 0\n", "def check(frame):\n    return frame.sum() > 0\n"),
-    ("```python\ndef check(frame):\n    return (frame\n```", None),
-    ("I cannot write that program.", None),
-    ("```python\ndef helper(frame):\n    return True\n```", None),
-], ids=["fenced", "fence without language", "two blocks", "unfenced with prose", "fence cut off", "broken",
-        "no code", "no check"])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (
+            "Here it is:\n```python\nimport numpy as np\ndef check(frame):\n    return True\n```\nDone.",
+            "import numpy as np\ndef check(frame):\n    return True\n",
+        ),
+        ("```\ndef check(frame):\n    return False\n```", "def check(frame):\n    return False\n"),
+        (
+            "```python\nX = 1\n```\nand\n```python\ndef check(frame):\n    return X > 0\n```",
+            "def check(frame):\n    return X > 0\n",
+        ),
+        (
+            "Sure. The program:\nimport math\ndef check(frame):\n    return math.pi > 3\nIt checks pi.",
+            "import math\ndef check(frame):\n    return math.pi > 3\n",
+        ),
+        (
+            "```python\ndef check(frame):\n    return frame.sum() > 0\n",
+            "def check(frame):\n    return frame.sum() > 0\n",
+        ),
+        ("```python\ndef check(frame):\n    return (frame\n```", None),
+        ("I cannot write that program.", None),
+        ("```python\ndef helper(frame):\n    return True\n```", None),
+    ],
+    ids=[
+        "fenced",
+        "fence without language",
+        "two blocks",
+        "unfenced with prose",
+        "fence cut off",
+        "broken",
+        "no code",
+        "no check",
+    ],
+)
 def test_extract_code(reply, expected):
     assert car.extract_code(reply) == expected
 
@@ -122,14 +154,31 @@ def test_parse_subtasks():
 
 
 def test_end_to_end_with_reference_programs(tmp_path, monkeypatch, capsys):
-    run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs",
-                str(REFERENCE / "DoorKey-8x8"), "--num-expert", "2", "--num-random", "4", *TINY,
-                "--total-timesteps", "128")
+    run_as_main(
+        SCRIPT,
+        monkeypatch,
+        tmp_path,
+        "--env-id",
+        DOORKEY8,
+        "--reward-programs",
+        str(REFERENCE / "DoorKey-8x8"),
+        "--num-expert",
+        "2",
+        "--num-random",
+        "4",
+        *TINY,
+        "--total-timesteps",
+        "128",
+    )
     out = capsys.readouterr().out
     assert "expert completed [2, 2, 2] of 2" in out and "iteration 2/2 global_step=128" in out
     (run,) = (tmp_path / "runs").iterdir()
     assert sorted(p.name for p in (run / "reward_programs").iterdir()) == [
-        "programs.json", "subtask_1.py", "subtask_2.py", "subtask_3.py"]
+        "programs.json",
+        "subtask_1.py",
+        "subtask_2.py",
+        "subtask_3.py",
+    ]
     assert {"reward/checker_errors", "reward/bonus_per_step", "losses/value_loss", "charts/SPS"} <= scalar_tags(run)
 
 
@@ -137,9 +186,27 @@ def test_bonus_per_subtask_once_per_episode_in_the_rewards(tmp_path, monkeypatch
     """Two always-true programs: each env completes both sub-tasks in the first step of its episode (2 x 0.5 reward)
     and nothing after, as no DoorKey-8x8 episode ends within 128 steps."""
     folder = tmp_path / "programs"
-    save_programs(folder, DOORKEY8, "frame", 8, ["always", "always again"], ["def check(frame):\n    return True\n"] * 2)
-    run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs", str(folder),
-                "--num-expert", "0", "--num-random", "0", "--subtask-bonus", "0.5", *TINY, "--total-timesteps", "128")
+    save_programs(
+        folder, DOORKEY8, "frame", 8, ["always", "always again"], ["def check(frame):\n    return True\n"] * 2
+    )
+    run_as_main(
+        SCRIPT,
+        monkeypatch,
+        tmp_path,
+        "--env-id",
+        DOORKEY8,
+        "--reward-programs",
+        str(folder),
+        "--num-expert",
+        "0",
+        "--num-random",
+        "0",
+        "--subtask-bonus",
+        "0.5",
+        *TINY,
+        "--total-timesteps",
+        "128",
+    )
     (run,) = (tmp_path / "runs").iterdir()
     events = EventAccumulator(str(run))
     events.Reload()
@@ -151,12 +218,35 @@ def test_training_goes_on_with_misbehaving_programs(tmp_path, monkeypatch, capsy
     """A program that raises at every call: each failure counted, the program disabled after 10 in a row (logged),
     the run completes."""
     folder = tmp_path / "programs"
-    save_programs(folder, DOORKEY8, "frame", 8, ["raises", "never reached"], [
-        "def check(frame):\n    return deeper(frame)\ndef deeper(frame):\n    return deeper(frame)\n",
-        "def check(frame):\n    return True\n",
-    ])
-    run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--reward-programs", str(folder),
-                "--num-expert", "0", "--num-random", "0", "--checker-timeout", "0.05", *TINY, "--total-timesteps", "128")
+    save_programs(
+        folder,
+        DOORKEY8,
+        "frame",
+        8,
+        ["raises", "never reached"],
+        [
+            "def check(frame):\n    return deeper(frame)\ndef deeper(frame):\n    return deeper(frame)\n",
+            "def check(frame):\n    return True\n",
+        ],
+    )
+    run_as_main(
+        SCRIPT,
+        monkeypatch,
+        tmp_path,
+        "--env-id",
+        DOORKEY8,
+        "--reward-programs",
+        str(folder),
+        "--num-expert",
+        "0",
+        "--num-random",
+        "0",
+        "--checker-timeout",
+        "0.05",
+        *TINY,
+        "--total-timesteps",
+        "128",
+    )
     out = capsys.readouterr().out
     assert "iteration 2/2 global_step=128" in out
     assert "checker errors so far: 10, last: sub-task 1's program disabled after 10 failed calls in a row" in out
@@ -169,25 +259,51 @@ def test_training_goes_on_with_misbehaving_programs(tmp_path, monkeypatch, capsy
 
 def test_without_the_os_layer_the_script_stops_unless_the_risk_is_accepted(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(car_sandbox, "confinement_problem", lambda: "ImportError: No module named 'pyseccomp'")
-    argv = ["--env-id", DOORKEY8, "--reward-programs", str(REFERENCE / "DoorKey-8x8"), "--num-expert", "0",
-            "--num-random", "0", "--total-timesteps", "0"]
+    argv = [
+        "--env-id",
+        DOORKEY8,
+        "--reward-programs",
+        str(REFERENCE / "DoorKey-8x8"),
+        "--num-expert",
+        "0",
+        "--num-random",
+        "0",
+        "--total-timesteps",
+        "0",
+    ]
     message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv)
-    assert message.startswith("The reward programs cannot be confined on this machine (ImportError: No module named "
-                              "'pyseccomp'): on Linux, pip install -r requirements.txt") and message.endswith(
-                              "or pass --accept-unconfined-programs to run them behind the load check and the OS "
-                              "limits alone.")
+    assert message.startswith(
+        "The reward programs cannot be confined on this machine (ImportError: No module named "
+        "'pyseccomp'): on Linux, pip install -r requirements.txt"
+    ) and message.endswith(
+        "or pass --accept-unconfined-programs to run them behind the load check and the OS limits alone."
+    )
     assert not (tmp_path / "runs").exists()
     run_as_main(SCRIPT, monkeypatch, tmp_path, *argv, "--accept-unconfined-programs")
     assert "saved to runs/" in capsys.readouterr().out
 
 
 def test_tiny_coder_ends_in_one_clear_sentence(tiny_smolvlm_path, tmp_path, monkeypatch, capsys):
-    argv = ["--env-id", "DoorKey", "--coder", f"hf:{tiny_smolvlm_path}", "--max-rounds", "1", "--num-expert", "1",
-            "--num-random", "1", "--max-new-tokens", "8"]
+    argv = [
+        "--env-id",
+        "DoorKey",
+        "--coder",
+        f"hf:{tiny_smolvlm_path}",
+        "--max-rounds",
+        "1",
+        "--num-expert",
+        "1",
+        "--num-random",
+        "1",
+        "--max-new-tokens",
+        "8",
+    ]
     message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv, "--total-timesteps", "0")
     assert message.startswith("The coder listed no sub-tasks (a numbered list) in 1 attempt(s)")
-    assert message.endswith("; pass --if-unverified sparse to train on the env's sparse reward alone, or try a stronger "
-                            "--coder or more --max-rounds.")
+    assert message.endswith(
+        "; pass --if-unverified sparse to train on the env's sparse reward alone, or try a stronger "
+        "--coder or more --max-rounds."
+    )
     assert not (tmp_path / "runs").exists()
     run_as_main(SCRIPT, monkeypatch, tmp_path, *argv, "--if-unverified", "sparse", *TINY, "--total-timesteps", "128")
     captured = capsys.readouterr()
@@ -212,9 +328,27 @@ def scripted_coder(body: dict) -> str:
 def test_openai_coder_writes_verifies_and_rewrites(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLM_CAR_TEST_KEY", "sk-secret-test-key")
     with OpenAIServer(scripted_coder, failures=1, failure="status") as server:
-        run_as_main(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--coder", "openai:test-vlm",
-                    "--coder-base-url", server.base_url, "--coder-api-key-env", "VLM_CAR_TEST_KEY", "--coder-backoff",
-                    "0", "--num-expert", "2", "--num-random", "10", "--total-timesteps", "0")
+        run_as_main(
+            SCRIPT,
+            monkeypatch,
+            tmp_path,
+            "--env-id",
+            DOORKEY8,
+            "--coder",
+            "openai:test-vlm",
+            "--coder-base-url",
+            server.base_url,
+            "--coder-api-key-env",
+            "VLM_CAR_TEST_KEY",
+            "--coder-backoff",
+            "0",
+            "--num-expert",
+            "2",
+            "--num-random",
+            "10",
+            "--total-timesteps",
+            "0",
+        )
     out = capsys.readouterr().out
     assert "stage 3, round 1" in out and "sub-task 2 (open the door) fails: random play completed" in out
     assert "stage 3, round 2" in out and "saved to runs/" in out
@@ -230,27 +364,52 @@ def test_openai_coder_writes_verifies_and_rewrites(tmp_path, monkeypatch, capsys
 def test_programs_that_never_pass_end_in_one_sentence(tmp_path, monkeypatch):
     def always_false(body: dict) -> str:
         text = body["messages"][0]["content"][-1]["text"]
-        return "1. pick up the key" if "numbered list" in text else "```python\ndef check(frame):\n    return False\n```"
+        return (
+            "1. pick up the key" if "numbered list" in text else "```python\ndef check(frame):\n    return False\n```"
+        )
 
     with OpenAIServer(always_false) as server:
-        message = exit_message(SCRIPT, monkeypatch, tmp_path, "--env-id", DOORKEY8, "--coder", "openai:test-vlm",
-                               "--coder-base-url", server.base_url, "--max-rounds", "2", "--num-expert", "2",
-                               "--num-random", "2", "--total-timesteps", "0")
-    assert message.startswith("The coder's reward programs did not pass verification in 2 round(s) (sub-task 1, "
-                              "'pick up the key': the expert completed sub-task 1 in only 0 of 2 trajectories")
+        message = exit_message(
+            SCRIPT,
+            monkeypatch,
+            tmp_path,
+            "--env-id",
+            DOORKEY8,
+            "--coder",
+            "openai:test-vlm",
+            "--coder-base-url",
+            server.base_url,
+            "--max-rounds",
+            "2",
+            "--num-expert",
+            "2",
+            "--num-random",
+            "2",
+            "--total-timesteps",
+            "0",
+        )
+    assert message.startswith(
+        "The coder's reward programs did not pass verification in 2 round(s) (sub-task 1, "
+        "'pick up the key': the expert completed sub-task 1 in only 0 of 2 trajectories"
+    )
     assert len(server.requests) == 3  # the sub-tasks, the program, its rewrite
     assert "in only 0 of 2 trajectories" in server.requests[2]["messages"][0]["content"][-1]["text"]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--env-id", "NoSuchEnv"], r"^--env-id 'NoSuchEnv' is not a grid env: use one of Fetch, "),
-    (["--env-id", "FrozenLake8x8"], r"^--env-id 'FrozenLake8x8' is not a grid env"),
-    (["--coder", "gpt-4o"], r"^--coder 'gpt-4o' is not a coder: use hf:"),
-    (["--coder", "openai:gpt-4o"], r"^--coder openai:gpt-4o needs --coder-base-url"),
-    (["--reward-programs", str(REFERENCE / "DoorKey-8x8")],
-     r"was written for --env-id MiniGrid-DoorKey-8x8-v0, not MiniGrid-DoorKey-6x6-v0: pass --env-id"),
-    (["--reward-programs", "/nonexistent"], r"^--reward-programs /nonexistent is not a folder of reward programs"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--env-id", "NoSuchEnv"], r"^--env-id 'NoSuchEnv' is not a grid env: use one of Fetch, "),
+        (["--env-id", "FrozenLake8x8"], r"^--env-id 'FrozenLake8x8' is not a grid env"),
+        (["--coder", "gpt-4o"], r"^--coder 'gpt-4o' is not a coder: use hf:"),
+        (["--coder", "openai:gpt-4o"], r"^--coder openai:gpt-4o needs --coder-base-url"),
+        (
+            ["--reward-programs", str(REFERENCE / "DoorKey-8x8")],
+            r"was written for --env-id MiniGrid-DoorKey-8x8-v0, not MiniGrid-DoorKey-6x6-v0: pass --env-id",
+        ),
+        (["--reward-programs", "/nonexistent"], r"^--reward-programs /nonexistent is not a folder of reward programs"),
+    ],
+)
 def test_bad_input_is_one_sentence(argv, expected, tmp_path, monkeypatch):
     message = exit_message(SCRIPT, monkeypatch, tmp_path, *argv, "--num-expert", "1", "--num-random", "1")
     assert re.search(expected, message), message
@@ -311,18 +470,46 @@ def test_subtask_progress_does_not_send_a_frame_its_program_found_not_done():
 
 
 # DoorKey-8x8 with the reference programs, unverified: 8 iterations of 128 steps, a checkpoint every 2
-RESUMABLE = ["--env-id", DOORKEY8, "--reward-programs", str(REFERENCE / "DoorKey-8x8"), "--num-expert", "0",
-             "--num-random", "0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
-             "--total-timesteps", "1024", "--checkpoint-freq", "2", "--save-model", "--eval-episodes", "2",
-             "--seed", "5"]
+RESUMABLE = [
+    "--env-id",
+    DOORKEY8,
+    "--reward-programs",
+    str(REFERENCE / "DoorKey-8x8"),
+    "--num-expert",
+    "0",
+    "--num-random",
+    "0",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "64",
+    "--num-minibatches",
+    "2",
+    "--total-timesteps",
+    "1024",
+    "--checkpoint-freq",
+    "2",
+    "--save-model",
+    "--eval-episodes",
+    "2",
+    "--seed",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     """The run folder of an uninterrupted RESUMABLE run."""
     cwd = tmp_path_factory.mktemp("full")
-    done = subprocess.run([sys.executable, SCRIPT, *RESUMABLE], cwd=cwd, env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, *RESUMABLE],
+        cwd=cwd,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "eval greedy:" in done.stdout and "eval sampled:" in done.stdout
     (run,) = (cwd / "runs").iterdir()
@@ -330,8 +517,13 @@ def full_run(tmp_path_factory) -> Path:
 
 
 def test_killed_run_resumes_where_it_stopped(full_run, tmp_path, monkeypatch, capsys):
-    process = subprocess.Popen([sys.executable, SCRIPT, *RESUMABLE], cwd=tmp_path, env=SUBPROCESS_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *RESUMABLE],
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob("runs/*/checkpoint.pt")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -348,8 +540,10 @@ def test_killed_run_resumes_where_it_stopped(full_run, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert f"global_step={stopped_at}" in out.splitlines()[1] and "the checkpoint's programs" in out.splitlines()[0]
     assert "iteration 8/8 global_step=1024" in out and "eval greedy:" in out
-    resumed, full = torch.load(checkpoint, weights_only=False), torch.load(full_run / "checkpoint.pt",
-                                                                           weights_only=False)
+    resumed, full = (
+        torch.load(checkpoint, weights_only=False),
+        torch.load(full_run / "checkpoint.pt", weights_only=False),
+    )
     assert resumed["global_step"] == 1024
     # envs, sub-task progress and RNGs come back from the checkpoint: the resumed run ends where the full one does
     assert resumed["subtask_progress"].tolist() == full["subtask_progress"].tolist()
@@ -362,12 +556,25 @@ def test_killed_run_resumes_where_it_stopped(full_run, tmp_path, monkeypatch, ca
         assert torch.equal(value, expected), name
 
 
-@pytest.mark.parametrize("content, argv, expected", [
-    ({"algorithm": "ppo_cnn_baseline", "args": {}}, [],
-     r"^--resume .*other\.pt is not a vlm_car_reward checkpoint \(it comes from ppo_cnn_baseline\): resume it with"),
-    ("full run", ["--env-id", "DoorKey"], (r"^--resume .*checkpoint\.pt was trained with --env-id "
-     r"MiniGrid-DoorKey-8x8-v0, not DoorKey: pass --env-id MiniGrid-DoorKey-8x8-v0 to resume it\.$")),
-])
+@pytest.mark.parametrize(
+    "content, argv, expected",
+    [
+        (
+            {"algorithm": "ppo_cnn_baseline", "args": {}},
+            [],
+            r"^--resume .*other\.pt is not a vlm_car_reward checkpoint \(it comes from ppo_cnn_baseline\): "
+            r"resume it with",
+        ),
+        (
+            "full run",
+            ["--env-id", "DoorKey"],
+            (
+                r"^--resume .*checkpoint\.pt was trained with --env-id "
+                r"MiniGrid-DoorKey-8x8-v0, not DoorKey: pass --env-id MiniGrid-DoorKey-8x8-v0 to resume it\.$"
+            ),
+        ),
+    ],
+)
 def test_resume_of_another_checkpoint_is_one_sentence(content, argv, expected, full_run, tmp_path, monkeypatch):
     path = full_run / "checkpoint.pt"
     if content != "full run":
@@ -383,6 +590,7 @@ def test_resume_checks_the_checkpoints_programs_again(full_run, tmp_path, monkey
     saved["programs"][1] = "import os\ndef check(frame):\n    return os.system('touch pwned') == 0\n"
     torch.save(saved, tmp_path / "tampered.pt")
     message = exit_message(SCRIPT, monkeypatch, tmp_path, *RESUMABLE, "--resume", str(tmp_path / "tampered.pt"))
-    assert message.startswith(f"--resume {tmp_path / 'tampered.pt'} holds a reward program that is refused (line 1 "
-                              "imports: only")
+    assert message.startswith(
+        f"--resume {tmp_path / 'tampered.pt'} holds a reward program that is refused (line 1 imports: only"
+    )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "pwned").exists()

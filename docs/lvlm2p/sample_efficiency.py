@@ -5,8 +5,9 @@
 RUNS_DIR holds the runs' TensorBoard folders (`{env_id}__{exp_name}__{seed}__{time}`); runs with the same env and
 --exp-name are seeds of one setting. The return at step s is the mean `charts/episodic_return` of the episodes that
 ended in the WINDOW env steps up to s (at least MIN_EPISODES of them); a seed's *steps to 0.9* is the first s where it
-reaches 0.9 (*steps to 0.5*: 0.5, for settings that do not reach 0.9 within their budget). The plot (drawn with Pillow, no plotting library needed) shows that trailing return, averaged over the
-seeds, against env steps: one panel per env and algorithm, one line per setting.
+reaches 0.9 (*steps to 0.5*: 0.5, for settings that do not reach 0.9 within their budget). The plot (drawn with
+Pillow, no plotting library needed) shows that trailing return, averaged over the seeds, against env steps: one
+panel per env and algorithm, one line per setting.
 """
 
 import argparse
@@ -19,8 +20,16 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 WINDOW, MIN_EPISODES, TARGETS = 4096, 10, (0.5, 0.9)
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
+COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 
 
 def episode_returns(run: pathlib.Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -28,8 +37,11 @@ def episode_returns(run: pathlib.Path) -> tuple[np.ndarray, np.ndarray, int]:
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
     episodes = events.Scalars("charts/episodic_return")
-    return (np.array([e.step for e in episodes]), np.array([e.value for e in episodes]),
-            events.Scalars("charts/SPS")[-1].step)
+    return (
+        np.array([e.step for e in episodes]),
+        np.array([e.value for e in episodes]),
+        events.Scalars("charts/SPS")[-1].step,
+    )
 
 
 def trailing_return(steps: np.ndarray, returns: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -104,11 +116,17 @@ if __name__ == "__main__":
         grid = np.arange(WINDOW // 2, last + 1, 512)
         curves = [trailing_return(steps, returns, grid) for _, steps, returns, _ in runs]
         finals = [c[~np.isnan(c)][-1] for c in curves if (~np.isnan(c)).any()]
-        reached = [", ".join("-" if r is None else f"{r / 1000:.1f}k"
-                             for r in (steps_to_target(steps, returns, target) for _, steps, returns, _ in runs))
-                   for target in TARGETS]
-        print(f"| {env_id} | {exp_name} | {', '.join(str(s) for s, *_ in runs)} | {last // 1000}k | "
-              f"{' | '.join(reached)} | {np.mean(finals):.2f} ± {np.std(finals):.2f} |")
+        reached = [
+            ", ".join(
+                "-" if r is None else f"{r / 1000:.1f}k"
+                for r in (steps_to_target(steps, returns, target) for _, steps, returns, _ in runs)
+            )
+            for target in TARGETS
+        ]
+        print(
+            f"| {env_id} | {exp_name} | {', '.join(str(s) for s, *_ in runs)} | {last // 1000}k | "
+            f"{' | '.join(reached)} | {np.mean(finals):.2f} ± {np.std(finals):.2f} |"
+        )
         algo = "a2c" if exp_name.startswith("a2c") else "ppo"
         panels[env_id, algo][exp_name] = (grid, np.nanmean(np.vstack(curves), axis=0))
     draw(panels, args.out)

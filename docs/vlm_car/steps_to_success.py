@@ -30,8 +30,11 @@ def episode_successes(run: pathlib.Path) -> tuple[np.ndarray, np.ndarray, int]:
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
     episodes = events.Scalars("charts/episodic_return")
-    return (np.array([e.step for e in episodes]), np.array([e.value > 0 for e in episodes], dtype=float),
-            events.Scalars("charts/SPS")[-1].step)
+    return (
+        np.array([e.step for e in episodes]),
+        np.array([e.value > 0 for e in episodes], dtype=float),
+        events.Scalars("charts/SPS")[-1].step,
+    )
 
 
 def trailing_success(steps: np.ndarray, successes: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -96,8 +99,10 @@ if __name__ == "__main__":
         env_id, exp_name, seed, _ = run.name.split("__")
         seeds[env_id, exp_name].append((int(seed), *episode_successes(run)))
 
-    print("| env | reward | seeds | steps | steps to 0.5 (per seed) | steps to 0.9 (per seed) | final success (per seed) "
-          "| successful episodes (per seed) |")
+    print(
+        "| env | reward | seeds | steps | steps to 0.5 (per seed) | steps to 0.9 (per seed) | final success (per seed) "
+        "| successful episodes (per seed) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     panels: dict = collections.defaultdict(dict)
     for (env_id, exp_name), runs in sorted(seeds.items()):
@@ -105,12 +110,18 @@ if __name__ == "__main__":
         grid = np.arange(WINDOW // 2, last + 1, 2048)
         curves = [trailing_success(steps, successes, grid) for _, steps, successes, _ in runs]
         finals = [c[~np.isnan(c)][-1] for c in curves if (~np.isnan(c)).any()]
-        reached = [", ".join("-" if r is None else f"{r / 1000:.0f}k"
-                             for r in (steps_to_target(steps, successes, target) for _, steps, successes, _ in runs))
-                   for target in TARGETS]
-        print(f"| {env_id} | {NAMES[exp_name]} | {', '.join(str(s) for s, *_ in runs)} | {last // 1000}k | "
-              f"{' | '.join(reached)} | {np.mean(finals):.2f} ({', '.join(f'{f:.2f}' for f in finals)}) | "
-              f"{', '.join(str(int(successes.sum())) for _, _, successes, _ in runs)} |")
+        reached = [
+            ", ".join(
+                "-" if r is None else f"{r / 1000:.0f}k"
+                for r in (steps_to_target(steps, successes, target) for _, steps, successes, _ in runs)
+            )
+            for target in TARGETS
+        ]
+        print(
+            f"| {env_id} | {NAMES[exp_name]} | {', '.join(str(s) for s, *_ in runs)} | {last // 1000}k | "
+            f"{' | '.join(reached)} | {np.mean(finals):.2f} ({', '.join(f'{f:.2f}' for f in finals)}) | "
+            f"{', '.join(str(int(successes.sum())) for _, _, successes, _ in runs)} |"
+        )
         panels[env_id][exp_name] = (grid, np.nanmean(np.vstack(curves), axis=0))
     draw(panels, args.out)
     print(f"plot written to {args.out}")
