@@ -549,6 +549,7 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
+        eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -564,7 +565,11 @@ if __name__ == "__main__":
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
         else:
             report = "no episode ended"
-        print(f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report}", flush=True)
+        print(
+            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+            f"ETA={eta / 60:.0f}min {report}",
+            flush=True,
+        )
 
         if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
             save_checkpoint(

@@ -963,6 +963,7 @@ if __name__ == "__main__":
         totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum").tolist()
         if writer is not None:
             sps = int((global_step - start_step) / (time.time() - start_time))
+            eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
             writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -980,7 +981,8 @@ if __name__ == "__main__":
             else:
                 report = "no episode ended"
             print(
-                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} {report} "
+                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                f"ETA={eta / 60:.0f}min {report} "
                 f"entropy={entropy_loss.item():.3f} tokens/s={totals[4] / rollout_time:.0f}",
                 flush=True,
             )
