@@ -183,6 +183,8 @@ class FrozenLakeText(gym.Wrapper):
         )
         self._background: np.ndarray | None = None
         self._image: np.ndarray | None = None
+        self._horizon = self.env.get_wrapper_attr("_max_episode_steps")  # gym.make's time limit
+        self._plan: np.ndarray | None = None
 
     def _pos(self) -> tuple[int, int]:
         return divmod(int(self.env.unwrapped.s), self.cols)
@@ -265,21 +267,41 @@ class FrozenLakeText(gym.Wrapper):
         return self._image if self._image is not None else self._render()
 
     def expert_action(self) -> int:
-        """First move of a shortest hole-free path to the goal (BFS)."""
-        start = self._pos()
-        first: dict[tuple[int, int], int | None] = {start: None}
-        queue = deque([start])
-        while queue:
-            r, c = queue.popleft()
-            for a, (dr, dc) in enumerate(FROZENLAKE_MOVES):
-                nxt = (r + dr, c + dc)
-                if not (0 <= nxt[0] < self.rows and 0 <= nxt[1] < self.cols) or self.grid[nxt] == "H" or nxt in first:
-                    continue
-                first[nxt] = a if first[(r, c)] is None else first[(r, c)]
-                if self.grid[nxt] == "G":
-                    return first[nxt]
-                queue.append(nxt)
-        return 0  # no path to the goal: any move
+        """The move with the best chance of reaching the goal in the steps left (see `frozenlake_plan`)."""
+        if self._plan is None:
+            table = tuple(tuple(tuple(moves) for moves in acts.values()) for acts in self.env.unwrapped.P.values())
+            self._plan = frozenlake_plan(table, self._horizon)
+        elapsed = self.env.get_wrapper_attr("_elapsed_steps") or 0
+        return int(self._plan[self._horizon - elapsed, int(self.env.unwrapped.s)])
+
+
+@functools.cache
+def frozenlake_plan(table: tuple, horizon: int) -> np.ndarray:
+    """plan[k, s]: the move that maximises the chance of reaching the goal from s within k steps.
+
+    Finite-horizon value iteration on Gymnasium's transition table (table[s][a] = P[s][a], a list of
+    (probability, next state, reward, terminated)): V_k(s) = max_a sum_s' p(s' | s, a) (r + V_{k-1}(s')).
+    Holes and the goal only lead to themselves with reward 0, so V stays 0 there. Among equally good
+    moves the one whose chances within fewer steps add up to more wins: it gets there sooner, which
+    on the deterministic maps is the first move of a shortest path. Cached: computed once per map.
+    """
+    n_states, n_actions = len(table), len(table[0])
+    transition = np.zeros((n_states, n_actions, n_states))
+    reward = np.zeros((n_states, n_actions))
+    for s, acts in enumerate(table):
+        for a, moves in enumerate(acts):
+            for p, s2, r, _ in moves:
+                transition[s, a, s2] += p
+                reward[s, a] += p * r
+    plan = np.zeros((horizon + 1, n_states), np.int64)
+    value, sooner = np.zeros(n_states), np.zeros((n_states, n_actions))
+    for k in range(1, horizon + 1):
+        q = reward + transition @ value  # chance of success within k steps, per first move
+        sooner += q
+        best = q == q.max(axis=1, keepdims=True)
+        plan[k] = np.where(best, sooner, -np.inf).argmax(axis=1)
+        value = q.max(axis=1)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------

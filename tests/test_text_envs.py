@@ -1,6 +1,7 @@
 """text_envs: FrozenLake and MiniGrid / BabyAI rules, descriptions, experts, seeding and vector envs."""
 
 import re
+from fractions import Fraction
 
 import gymnasium as gym
 import numpy as np
@@ -111,6 +112,87 @@ def test_frozenlake_goal_and_hole():
     env.unwrapped.s = int(r * 8 + c - 1)
     _, reward, terminated, _, info = env.step(2)
     assert terminated and reward == 0.0 and not info["success"]
+
+
+def exact_table(env: gym.Env) -> dict:
+    """Gymnasium's transition table P with the probabilities as exact fractions (1/3, not 0.333...)."""
+    return {
+        s: {a: [(Fraction(p).limit_denominator(1000), s2, r) for p, s2, r, _ in moves] for a, moves in acts.items()}
+        for s, acts in env.unwrapped.P.items()
+    }
+
+
+def success_probability(env: gym.Env, policy=None) -> Fraction:
+    """Exact chance of reaching the goal from the start before the time limit (finite-horizon dynamic
+    programming on P): the optimum, or that of `policy(steps_left, s)` when given."""
+    table, horizon = exact_table(env), env.get_wrapper_attr("_max_episode_steps")
+    value = dict.fromkeys(table, Fraction(0))  # value[s]: success chance with k steps left
+    for k in range(1, horizon + 1):
+        q = {
+            s: {a: sum(p * (r + value[s2]) for p, s2, r in moves) for a, moves in acts.items()}
+            for s, acts in table.items()
+        }
+        value = {s: max(q[s].values()) if policy is None else q[s][policy(k, s)] for s in table}
+    return value[0]
+
+
+def expert_as_policy(env: gym.Env):
+    """The expert's move in state s with k steps left, asked through the env's public interface."""
+    env.reset(seed=0)
+    horizon = env.get_wrapper_attr("_max_episode_steps")
+
+    def policy(k: int, s: int) -> int:
+        env.unwrapped.s = s
+        env.set_wrapper_attr("_elapsed_steps", horizon - k)
+        return expert_action(env)
+
+    return policy
+
+
+def test_frozenlake_v1_expert_is_optimal_on_the_slippery_map():
+    env = make_env("FrozenLake8x8-v1", seed=0, with_image=False)
+    optimum = success_probability(env)
+    assert 0.90 < optimum < 0.92  # ~0.91 within the 200-step limit
+    assert success_probability(env, expert_as_policy(env)) == optimum
+
+
+def test_frozenlake_v1_expert_succeeds_as_often_as_the_optimum():
+    env = make_env("FrozenLake8x8-v1", seed=0, with_image=False)
+    optimum = float(success_probability(env))
+    episodes = 400
+    wins = sum(run_episode(env, expert_action, seed=seed, max_steps=300)[-1][4]["success"] for seed in range(episodes))
+    assert abs(wins / episodes - optimum) < 0.06, wins  # 4 standard deviations of a 400-episode mean
+
+
+def shortest_path_moves(grid: np.ndarray, start: tuple[int, int]) -> set[int]:
+    """Every first move of a shortest hole-free path from start to the goal (BFS from the goal)."""
+    rows, cols = grid.shape
+    goal = tuple(np.argwhere(grid == "G")[0])
+    dist, queue = {goal: 0}, [goal]
+    for r, c in queue:
+        for dr, dc in text_envs.FROZENLAKE_MOVES:
+            nxt = (r + dr, c + dc)
+            if 0 <= nxt[0] < rows and 0 <= nxt[1] < cols and grid[nxt] != "H" and nxt not in dist:
+                dist[nxt] = dist[(r, c)] + 1
+                queue.append(nxt)
+    moves = set()
+    for a, (dr, dc) in enumerate(text_envs.FROZENLAKE_MOVES):
+        nxt = (start[0] + dr, start[1] + dc)
+        if dist.get(nxt, -1) == dist.get(start, 0) - 1:
+            moves.add(a)
+    return moves
+
+
+def test_frozenlake8x8_expert_takes_a_shortest_path():
+    for seed in range(10):
+        env = make_env("FrozenLake8x8", seed=seed, with_image=False)
+        env.reset()
+        grid = env.get_wrapper_attr("grid")
+        for r, c in np.argwhere(grid == "F"):
+            moves = shortest_path_moves(grid, (r, c))
+            if moves:
+                env.unwrapped.s = int(r * 8 + c)
+                assert expert_action(env) in moves, (seed, r, c)
 
 
 def parse_frozenlake(text: str):
