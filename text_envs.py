@@ -137,19 +137,41 @@ def expert_action(env: gym.Env) -> int:
 
 
 class SeededEnv(gym.Wrapper):
-    """Uses the seed given to `make_env` for the first reset (and the action space), so one call reproduces."""
+    """Uses the seed given to `make_env` for the first reset (and the action space), so one call reproduces.
+
+    It also records how the current episode began (its reset seed, or the env's RNG state before an unseeded
+    reset) and the actions taken since: `episode_record`, plain numbers from which `replay_episode` rebuilds the
+    env, so that a checkpoint stores envs without pickling them."""
 
     def __init__(self, env: gym.Env, seed: int | None):
         super().__init__(env)
         self._first_seed = seed
         self.action_space.seed(seed)
+        self.episode_record: dict[str, Any] = {}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is None:
             seed, self._first_seed = self._first_seed, None
         else:
             self._first_seed = None
+        rng = self.unwrapped.np_random.bit_generator.state if seed is None else None
+        self.episode_record = {"seed": seed, "rng": rng, "options": options, "actions": []}
         return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        self.episode_record["actions"].append(int(action))
+        return self.env.step(action)
+
+
+def replay_episode(env: gym.Env, record: dict[str, Any]) -> None:
+    """Bring a fresh env (and the wrappers around it) to where the env of `record` stood: the same reset, then the
+    same actions. All randomness comes from the env's np_random, so the replay reaches the same state."""
+    if record["seed"] is None:
+        env.reset()  # the first reset creates the env's RNG, whose state is then set to the recorded one
+        env.unwrapped.np_random.bit_generator.state = record["rng"]
+    env.reset(seed=record["seed"], options=record["options"])
+    for action in record["actions"]:
+        env.step(action)
 
 
 # ---------------------------------------------------------------------------------------------

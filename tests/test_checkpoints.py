@@ -1,0 +1,116 @@
+"""Checkpoints are data, never code: a --resume file loads without unpickling objects, envs come back by replaying
+their current episode, and a damaged or foreign checkpoint is one sentence."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from script_helpers import exit_message
+
+import text_envs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CNN_SCRIPT = str(REPO_ROOT / "ppo_cnn_baseline.py")
+CNN_RUN = ["--env-id", "FrozenLake8x8", "--obs", "state", "--num-envs", "2", "--num-steps", "32"]
+
+
+class Payload:
+    """Pickled, it runs `touch PATH` when unpickled with pickle's full powers."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.parametrize(
+    "env_id", ["FrozenLake8x8", "FrozenLake8x8-v1", "DoorKey", "MiniGrid-LavaGapS5-v0", "NumberLine", "Blackjack"]
+)
+def test_replaying_an_episode_record_rebuilds_the_env(env_id: str) -> None:
+    """After random play across several episodes, a fresh env replaying the record continues exactly alike."""
+    rng = np.random.default_rng(0)
+    env = text_envs.make_env(env_id, seed=3, image_size=32)
+    env.reset()
+    for _ in range(150):  # several episodes: later ones start from unseeded resets
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if terminated or truncated:
+            env.reset()
+    record = pickle.loads(pickle.dumps(env.get_wrapper_attr("episode_record")))  # plain data survives a copy
+    copy = text_envs.make_env(env_id, seed=3, image_size=32)
+    text_envs.replay_episode(copy, record)
+    for _ in range(60):
+        action = int(rng.integers(env.action_space.n))
+        (obs, reward, terminated, truncated, _), (obs2, reward2, terminated2, truncated2, _) = (
+            env.step(action),
+            copy.step(action),
+        )
+        assert obs["text"] == obs2["text"] and np.array_equal(obs["image"], obs2["image"])
+        assert (reward, terminated, truncated) == (reward2, terminated2, truncated2)
+        if terminated or truncated:
+            assert env.reset()[0]["text"] == copy.reset()[0]["text"]
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_before_it_runs(tmp_path: Path, monkeypatch) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"algorithm": "ppo_cnn_baseline", "payload": Payload(marker)}, tmp_path / "evil.pt")
+    message = exit_message(CNN_SCRIPT, monkeypatch, tmp_path, *CNN_RUN, "--resume", str(tmp_path / "evil.pt"))
+    assert message.startswith(f"Cannot read the checkpoint --resume {tmp_path / 'evil.pt'} (UnpicklingError: ")
+    assert not marker.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, missing",
+    [
+        (lambda c: c.pop("args"), "args"),
+        (lambda c: c.pop("run_name"), "run_name"),
+        (lambda c: c.update(global_step="1024"), "global_step"),
+        (lambda c: c["args"].pop("env_id"), "args.env_id"),
+    ],
+)
+def test_a_checkpoint_with_the_wrong_layout_is_one_sentence(tmp_path: Path, monkeypatch, damage, missing) -> None:
+    checkpoint = cnn_checkpoint(tmp_path, monkeypatch)
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "damaged.pt")
+    message = exit_message(CNN_SCRIPT, monkeypatch, tmp_path, *CNN_RUN, "--resume", str(tmp_path / "damaged.pt"))
+    assert message == (
+        f"--resume {tmp_path / 'damaged.pt'} is damaged (missing or malformed: {missing}): resume from another."
+    )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda c: c["envs"][0].update(actions="left"),
+        lambda c: c["envs"].pop(),
+        lambda c: c["rng"].update(numpy=[1, 2]),
+        lambda c: c["agent"].popitem(),
+    ],
+)
+def test_a_checkpoint_whose_state_cannot_be_restored_is_one_sentence(tmp_path: Path, monkeypatch, damage) -> None:
+    checkpoint = cnn_checkpoint(tmp_path, monkeypatch)
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "damaged.pt")
+    message = exit_message(CNN_SCRIPT, monkeypatch, tmp_path, *CNN_RUN, "--resume", str(tmp_path / "damaged.pt"))
+    assert message.startswith(f"--resume {tmp_path / 'damaged.pt'} is damaged (")
+    assert message.endswith(" while restoring it): resume from another.")
+
+
+_CNN_CHECKPOINT: dict = {}
+
+
+def cnn_checkpoint(tmp_path: Path, monkeypatch) -> dict:
+    """A fresh copy of the checkpoint of one short ppo_cnn_baseline run (made once per session)."""
+    if not _CNN_CHECKPOINT:
+        from script_helpers import run_as_main
+
+        workdir = tmp_path / "made"
+        workdir.mkdir()
+        run_as_main(CNN_SCRIPT, monkeypatch, workdir, *CNN_RUN, "--total-timesteps", "64", "--checkpoint-freq", "1")
+        (path,) = workdir.glob("runs/*/checkpoint.pt")
+        _CNN_CHECKPOINT["path"] = path
+    return torch.load(_CNN_CHECKPOINT["path"], weights_only=True)
