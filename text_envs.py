@@ -1369,7 +1369,8 @@ class BlackjackEnv(_CardTableEnv):
     Infinite deck; J / Q / K count 10; an ace 1 or 11.  Actions 'stand' (0) / 'hit' (1).  Hit: a card;
     over 21 is a bust (-1, terminate), else 0.  Stand: the dealer reveals the hole card and draws while
     below 17 (a soft 17 stands), then +1 / 0 / -1 by who is closer to 21 (a dealer bust loses); terminate.
-    State: [player total, dealer's showing card value (ace 1), usable ace].
+    State: [player total, dealer's showing card value (ace 1), usable ace].  The image and the text show the
+    cards and no totals, as RL4VLM's do: reading the cards and adding them up is the task.
     """
 
     mission = (
@@ -1438,39 +1439,28 @@ class BlackjackEnv(_CardTableEnv):
         return np.array([total, card_value(self.dealer[0][0]), int(usable)], np.int64)
 
     def describe(self) -> str:
-        total, usable = blackjack_total(self._ranks(self.player))
-        names = [CARD_RANK_NAMES[r] for r in self._ranks(self.player)]
-        text = f"Your cards are {_card_list(names)} (total {total}, {'usable ace' if usable else 'no usable ace'})."
+        """The cards, as RL4VLM's text observation gives them: adding them up is left to the agent."""
+        text = f"Your cards are {_card_list([CARD_RANK_NAMES[r] for r in self._ranks(self.player)])}."
         dealer_ranks = self._ranks(self.dealer)
         if self.done:
-            dealer_total = blackjack_total(dealer_ranks)[0]
             text += " You went bust." if self.outcome == "bust" else " You stood."
-            text += (
-                f" The dealer's cards are {_card_list([CARD_RANK_NAMES[r] for r in dealer_ranks])}"
-                f" (total {dealer_total}{', bust' if dealer_total > 21 else ''})."
-            )
+            text += f" The dealer's cards are {_card_list([CARD_RANK_NAMES[r] for r in dealer_ranks])}."
+            text += " The dealer went bust." if blackjack_total(dealer_ranks)[0] > 21 else ""
             text += {"win": " You win.", "draw": " It is a draw."}.get(self.outcome, " You lose.")
         else:
             text += f" The dealer shows {CARD_RANK_NAMES[dealer_ranks[0]]}."
         return text
 
     def _draw(self) -> np.ndarray:
+        """RL4VLM's table: 'Dealer' over the dealer's cards (the hole card face down until the player stands),
+        'Player' over the player's cards, no totals; once the game is over, its result."""
         s = self.image_size
         img = _felt(s)
         size = max(6, round(0.06 * s))
         w = max(8, int(0.2 * s))
         h = round(w * 1.4)
-        dealer_ranks, player_ranks = self._ranks(self.dealer), self._ranks(self.player)
         dealer_cards = self.dealer if self.done else [self.dealer[0], (0, 0)]  # (0, 0): the hole card's back
-        player_total, dealer_total = blackjack_total(player_ranks)[0], blackjack_total(dealer_ranks)[0]
-        dealer_label = (
-            f"Dealer: {dealer_total}{' (bust)' if dealer_total > 21 else ''}"
-            if self.done
-            else f"Dealer shows {CARD_RANK_NAMES[dealer_ranks[0]]}"
-        )
-        player_label = f"Player: {player_total}{' (bust)' if player_total > 21 else ''}"
-        rows = [(dealer_label, dealer_cards, 0.02), (player_label, self.player, 0.48)]
-        for label, cards, top in rows:
+        for label, cards, top in [("Dealer", dealer_cards, 0.02), ("Player", self.player, 0.48)]:
             _blit_text(img, _text_mask(label, size), int(0.03 * s), int(top * s), (255, 255, 255))
             x_step = min(w + 0.02 * s, (0.94 * s - w) / max(1, len(cards) - 1))
             for i, (rank, suit) in enumerate(cards):

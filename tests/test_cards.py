@@ -8,7 +8,8 @@ import pytest
 from gymnasium.envs.toy_text import blackjack as gym_blackjack
 from gymnasium.utils.env_checker import check_env
 
-from text_envs import BlackjackEnv, EZPointsEnv, NumberLineEnv, Points24Env, evaluate_formula
+import text_envs
+from text_envs import BlackjackEnv, EZPointsEnv, NumberLineEnv, Points24Env, blackjack_total, evaluate_formula
 
 CARD_ENV_CLASSES = [NumberLineEnv, EZPointsEnv, Points24Env, BlackjackEnv]
 RANK_VALUES = {"A": 1, **{str(n): n for n in range(2, 11)}, "J": 10, "Q": 10, "K": 10}
@@ -369,12 +370,13 @@ def test_blackjack_stand(player, dealer, next_cards, reward, dealer_final):
 def test_blackjack_hit_bust_and_usable_ace():
     env = BlackjackEnv(with_image=False)
     obs, _ = env.reset(seed=0, options={"player": [1, 6], "dealer": [10, 9], "next_cards": [10, 5]})
-    assert list(obs["state"]) == [17, 10, 1] and "(total 17, usable ace)" in obs["text"]
+    assert list(obs["state"]) == [17, 10, 1] and obs["text"] == "Your cards are A and 6. The dealer shows 10."
     obs, r, term, *_ = act(env, "hit")
-    assert (r, term) == (0, False) and list(obs["state"]) == [17, 10, 0] and "no usable ace" in obs["text"]
+    assert (r, term) == (0, False) and list(obs["state"]) == [17, 10, 0]
+    assert obs["text"] == "Your cards are A, 6 and 10. The dealer shows 10."  # the cards, as in RL4VLM: no totals
     obs, r, term, trunc, info = act(env, "hit")
     assert (r, term, trunc, info["success"]) == (-1, True, False, False) and obs["state"][0] == 22
-    assert "bust" in obs["text"]
+    assert obs["text"] == "Your cards are A, 6, 10 and 5. You went bust. The dealer's cards are 10 and 9. You lose."
     obs, _ = env.reset(seed=0, options={"player": [1, 1], "dealer": [1, 9]})
     assert list(obs["state"]) == [12, 1, 1]
 
@@ -388,6 +390,36 @@ def test_blackjack_hole_card_hidden_during_play():
         images.append(obs["image"])
         texts.append(obs["text"])
     assert np.array_equal(*images) and texts[0] == texts[1] and "The dealer shows 7." in texts[0]
+
+
+def blackjack_table(dealer: list[tuple[int, int]], player: list[tuple[int, int]], result: str = "") -> np.ndarray:
+    """A 300x300 Blackjack table drawn from the cards alone: the 'Dealer' and 'Player' labels, each hand's card
+    sprites in a row (rank 0: a card's back), and the result line once the game is over."""
+    s, w = 300, 60
+    h, size = round(w * 1.4), round(0.06 * s)
+    img = text_envs._felt(s)
+    for label, cards, top in [("Dealer", dealer, 0.02), ("Player", player, 0.48)]:
+        text_envs._blit_text(img, text_envs._text_mask(label, size), int(0.03 * s), int(top * s), (255, 255, 255))
+        x_step = min(w + 0.02 * s, (0.94 * s - w) / max(1, len(cards) - 1))
+        for i, (rank, suit) in enumerate(cards):
+            text_envs._place(
+                img, text_envs.card_sprite(rank, suit, w, h), int(0.03 * s + i * x_step), int((top + 0.08) * s)
+            )
+    if result:
+        text_envs._blit_text(img, text_envs._text_mask(result, size), int(0.03 * s), int(0.9 * s), (255, 255, 255))
+    return img
+
+
+def test_blackjack_image_shows_the_cards_and_no_totals():
+    """RL4VLM's image holds the cards only: reading them and adding them up is the task."""
+    env = BlackjackEnv()
+    obs, _ = env.reset(seed=0, options={"player": [1, 6], "dealer": [13, 9], "next_cards": [3]})
+    assert np.array_equal(obs["image"], blackjack_table([env.dealer[0], (0, 0)], env.player))  # the hole card's back
+    obs, *_ = act(env, "hit")
+    assert [r for r, _ in env.player] == [1, 6, 3] and blackjack_total([1, 6, 3]) == (20, True)
+    assert np.array_equal(obs["image"], blackjack_table([env.dealer[0], (0, 0)], env.player))
+    obs, r, *_ = act(env, "stand")
+    assert r == 1 and np.array_equal(obs["image"], blackjack_table(env.dealer, env.player, "You win"))
 
 
 def test_blackjack_matches_gymnasium_rules():
@@ -487,10 +519,11 @@ def test_description_agrees_with_state(cls):
             m = re.match(r"The target number is (\d) and the current number is (\d)\.", text)
             assert [int(m[1]), int(m[2])] == list(state)
         elif cls is BlackjackEnv:
-            m = re.match(r"Your cards are ([\w, ]+) \(total (\d+), (no usable ace|usable ace)\)\.", text)
+            m = re.match(r"Your cards are ([\w, ]+)\.( The dealer shows (\w+)\.$)?", text)
             names = re.split(r", | and ", m[1])
-            assert names == info["player"] and int(m[2]) == state[0] and (m[3] == "usable ace") == bool(state[2])
-            assert f" {info['dealer'][0]}" in text.split("dealer")[1] and RANK_VALUES[info["dealer"][0]] == state[1]
+            assert names == info["player"] and "total" not in text
+            assert blackjack_total([RANK_VALUES[n] for n in names]) == (state[0], bool(state[2]))
+            assert m[2] is None or (m[3] == info["dealer"][0] and RANK_VALUES[m[3]] == state[1])
         else:
             m = re.match(r"Your cards are ([\w, ]+?)( \(.*\))?\. The current formula is (empty|'(.*)')\.", text)
             assert [RANK_VALUES[c] for c in re.split(r", | and ", m[1])] == list(state[: env.n_cards])
