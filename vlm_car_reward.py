@@ -48,6 +48,21 @@ from car_sandbox import (
 ALGORITHM = "vlm_car_reward"
 # flags that fix the envs, the frames the programs read and the network: a checkpoint resumes only with the same values
 ENV_FLAGS = ("env_id", "checker_input", "tile_size", "num_envs")
+# what a checkpoint holds, and of which type
+CHECKPOINT_LAYOUT = {
+    "args": dict,
+    "run_name": str,
+    "iteration": int,
+    "global_step": int,
+    "agent": dict,
+    "optimizer": dict,
+    "envs": list,
+    "next_obs": torch.Tensor,
+    "next_done": torch.Tensor,
+    "subtasks": list,
+    "programs": list,
+    "rng": dict,
+}
 STATE, FRAME = 0, 1  # the training envs' observation: (the agent's input, what the programs read)
 
 
@@ -687,23 +702,62 @@ def check_args(args: Args) -> tuple[int, int]:
 
 
 def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
-    """Write the checkpoint atomically, so that a run killed while saving keeps its previous checkpoint."""
-    torch.save(checkpoint, path + ".tmp")
+    """Write the checkpoint atomically and durably: a run killed (or a machine that fails) while saving keeps its
+    previous checkpoint."""
+    with open(path + ".tmp", "wb") as file:
+        torch.save(checkpoint, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(path + ".tmp", path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
+
+
+def rng_states() -> dict[str, Any]:
+    """The RNG states of Python, NumPy and torch, as tensors and plain numbers (so checkpoints load without pickle)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def load_checkpoint(path: str, args: Args, device: torch.device) -> dict[str, Any]:
     """Read a checkpoint of this script and check that it was made for the same envs as `args`."""
     try:
-        # weights_only=False: a checkpoint holds the pickled envs and RNG states; load only your own files
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except Exception as error:  # any reason the file cannot be unpickled: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
+        # weights_only: tensors and plain data only, so a file cannot run code while it loads
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's, pickled code
+        message = str(error).split("\n")[0]  # torch's refusal of an unsafe pickle runs to a page
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {message}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
         raise SystemExit(
             f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from {algorithm or 'something else'}): "
             "resume it with the script that wrote it."
+        )
+    missing = [key for key, kind in CHECKPOINT_LAYOUT.items() if not isinstance(checkpoint.get(key), kind)]
+    if isinstance(checkpoint.get("args"), dict):
+        missing += [f"args.{flag}" for flag in ENV_FLAGS if flag not in checkpoint["args"]]
+    if missing:
+        raise SystemExit(
+            f"--resume {path} is damaged (missing or malformed: {', '.join(missing)}): resume from another."
         )
     for flag in ENV_FLAGS:
         if checkpoint["args"][flag] != getattr(args, flag):
@@ -875,13 +929,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than a forward pass
 
-    # env setup: a resumed run continues the checkpoint's envs mid-episode, RNGs included
-    if checkpoint:
-        envs = gym.vector.SyncVectorEnv(
-            [lambda env=env: env for env in checkpoint["envs"]], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-        )
-    else:
-        envs = make_envs(args, image_size, key if programs else None)
+    # env setup: a resumed run replays each env's current episode, so it continues mid-episode
+    envs = make_envs(args, image_size, key if programs else None)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "only discrete action space is supported"
     # stage 4: the programs in a worker of their own (a new one on resume: a process cannot be pickled)
     sandbox = start_sandbox(programs, args) if programs else None
@@ -902,18 +951,21 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     if checkpoint:
-        agent.load_state_dict(checkpoint["agent"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            agent.load_state_dict(checkpoint["agent"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            for env, record in zip(envs.envs, checkpoint["envs"], strict=True):
+                text_envs.replay_episode(env, record)
+            if dense is not None:  # each env's sub-tasks completed so far in its episode, and the worker's counters
+                dense.progress[:] = checkpoint["subtask_progress"].numpy()
+                sandbox.errors, sandbox.restarts = checkpoint["checker_errors"], checkpoint["checker_restarts"]
+            set_rng_states(checkpoint["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as error:
+            raise SystemExit(
+                f"--resume {args.resume} is damaged ({type(error).__name__} while restoring it): resume from another."
+            ) from None
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
         next_obs, next_done = checkpoint["next_obs"].to(device), checkpoint["next_done"].to(device)
-        if dense is not None:  # each env's sub-tasks completed so far in its episode, and the worker's counters
-            dense.progress[:] = checkpoint["subtask_progress"]
-            sandbox.errors, sandbox.restarts = checkpoint["checker_errors"], checkpoint["checker_restarts"]
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step={global_step}", flush=True)
     else:
         global_step, start_iteration = 0, 1
@@ -1100,21 +1152,16 @@ if __name__ == "__main__":
                     "global_step": global_step,
                     "agent": agent.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "envs": envs.envs,
+                    "envs": [env.get_wrapper_attr("episode_record") for env in envs.envs],
                     "next_obs": next_obs,
                     "next_done": next_done,
                     # the programs themselves, not their folder: a resumed run needs neither the coder nor the folder
                     "subtasks": subtasks,
                     "programs": programs,
-                    "subtask_progress": dense.progress.copy() if dense is not None else None,
+                    "subtask_progress": torch.from_numpy(dense.progress.copy()) if dense is not None else None,
                     "checker_errors": sandbox.errors if sandbox is not None else 0,
                     "checker_restarts": sandbox.restarts if sandbox is not None else 0,
-                    "rng": {
-                        "python": random.getstate(),
-                        "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    },
+                    "rng": rng_states(),
                 },
             )
 
