@@ -87,6 +87,15 @@ LISTING_STATE_TEMPLATE = (
 IDEFICS_V1_PROMPT, IDEFICS_V1_IMAGE = "User:{image}{text}<end_of_utterance>\nAssistant:", "<image>"
 # flags that fix the envs and the network: a checkpoint resumes only with the same values
 ENV_FLAGS = ("env_id", "model_id", "lora_r", "lora_alpha", "lora_target_modules")
+# what a checkpoint's trainer_state.pt holds, and of which type
+CHECKPOINT_LAYOUT = {
+    "args": dict,
+    "run_name": str,
+    "iteration": int,
+    "global_step": int,
+    "value_head": dict,
+    "rng_states": list,
+}
 # The leading space separates the action prompt from the chat template's "Assistant:".
 ACTION_TEMPLATE = " Based on the information provided, the next best action would be to {action}"
 
@@ -659,29 +668,59 @@ def check_args(args: Args, world: int = 1) -> None:
 
 def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer (None: a model without one, as
-    --save-model writes), step and RNG, replaced atomically: a run killed while saving keeps its previous one."""
+    --save-model writes), step and RNG. Written to path.tmp, made durable, then swapped in; `resume_folder` finds the
+    newest complete one wherever a run killed while saving left it."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while writing it
     agent.model.save_pretrained(tmp / "adapter")
     optimizer_state = {} if optimizer is None else {"optimizer": optimizer.state_dict()}
-    torch.save({**state, "value_head": agent.value_head.state_dict(), **optimizer_state}, tmp / "trainer_state.pt")
+    torch.save({**state, "value_head": agent.value_head.state_dict(), **optimizer_state}, tmp / "trainer_state.part")
+    for file in [*(tmp / "adapter").iterdir(), tmp / "trainer_state.part"]:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.replace(tmp / "trainer_state.part", tmp / "trainer_state.pt")  # last: a folder with it is complete
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the renames themselves
+    finally:
+        os.close(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_folder(path: Path) -> Path:
+    """The newest complete checkpoint at `path`: a run killed while saving may have left it in path.tmp (newer than
+    the others when complete) or path.old."""
+    for folder in (path.with_name(path.name + ".tmp"), path, path.with_name(path.name + ".old")):
+        if (folder / "trainer_state.pt").is_file():
+            return folder
+    return path
 
 
 def load_checkpoint(path: str, args: Args) -> dict:
     """Read a checkpoint of this script and check that it was made for the same envs and model as `args`."""
+    folder = resume_folder(Path(path))
     try:
-        checkpoint = torch.load(Path(path) / "trainer_state.pt", weights_only=True)
-    except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's
-        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {error}).") from None
+        checkpoint = torch.load(folder / "trainer_state.pt", weights_only=True)
+    except Exception as error:  # any reason the file cannot be read: missing, truncated, not torch's, pickled code
+        message = str(error).split("\n")[0]  # torch's refusal of an unsafe pickle runs to a page
+        raise SystemExit(f"Cannot read the checkpoint --resume {path} ({type(error).__name__}: {message}).") from None
     algorithm = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else None
     if algorithm != ALGORITHM:
         raise SystemExit(
             f"--resume {path} is not a {ALGORITHM} checkpoint (it comes from "
             f"{algorithm or 'something else'}): resume it with the script that wrote it."
+        )
+    missing = [key for key, kind in CHECKPOINT_LAYOUT.items() if not isinstance(checkpoint.get(key), kind)]
+    if isinstance(checkpoint.get("args"), dict):
+        missing += [f"args.{flag}" for flag in ENV_FLAGS if flag not in checkpoint["args"]]
+    if not (folder / "adapter" / "adapter_model.safetensors").is_file():
+        missing.append("adapter/adapter_model.safetensors")
+    if missing:
+        raise SystemExit(
+            f"--resume {path} is damaged (missing or malformed: {', '.join(missing)}): resume from another."
         )
     for flag in ENV_FLAGS:
         if checkpoint["args"][flag] != getattr(args, flag):
@@ -690,7 +729,7 @@ def load_checkpoint(path: str, args: Args) -> dict:
                 f"--resume {path} was trained with {name} {checkpoint['args'][flag]}, not "
                 f"{getattr(args, flag)}: pass {name} {checkpoint['args'][flag]} to resume it."
             )
-    return checkpoint
+    return {**checkpoint, "folder": str(folder)}
 
 
 def evaluate(
@@ -796,12 +835,19 @@ if __name__ == "__main__":
             torch.distributed.broadcast(p.data, src=0)
     global_step, start_iteration = 0, 1
     if checkpoint:
-        set_peft_model_state_dict(agent.model, load_file(Path(args.resume) / "adapter" / "adapter_model.safetensors"))
-        agent.value_head.load_state_dict(checkpoint["value_head"])
-        if "optimizer" in checkpoint:  # a model saved by --save-model has none: Adam starts afresh
-            optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            adapter = load_file(Path(checkpoint["folder"]) / "adapter" / "adapter_model.safetensors")
+            if set_peft_model_state_dict(agent.model, adapter).unexpected_keys:
+                raise KeyError("the adapter does not fit this model")
+            agent.value_head.load_state_dict(checkpoint["value_head"])
+            if "optimizer" in checkpoint:  # a model saved by --save-model has none: Adam starts afresh
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["rng_states"][rank % len(checkpoint["rng_states"])])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, OSError) as error:
+            raise SystemExit(
+                f"--resume {args.resume} is damaged ({type(error).__name__} while restoring it): resume from another."
+            ) from None
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        torch.set_rng_state(checkpoint["rng_states"][rank % len(checkpoint["rng_states"])])
         if accelerator.is_main_process:
             print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step={global_step}", flush=True)
     else:

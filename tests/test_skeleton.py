@@ -33,6 +33,7 @@ COPIES = [  # (function, the files that hold a copy of it)
     ("load_checkpoint", ["ppo_cnn_baseline.py", "vlm_car_reward.py"]),
     ("save_checkpoint", VLM_SCRIPTS),  # one folder per checkpoint: the LoRA adapter and the trainer state
     ("load_checkpoint", VLM_SCRIPTS),
+    ("resume_folder", VLM_SCRIPTS),
     ("configure_image_processor", VLM_SCRIPTS),
     ("add_lora", VLM_SCRIPTS),
     ("evaluate", VLM_SCRIPTS),
