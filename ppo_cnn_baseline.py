@@ -261,6 +261,37 @@ def compute_gae(
 
 def check_args(args: Args) -> None:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--env-seeds": (min(args.env_seeds or [0]), 0),
+        "--image-size": (args.image_size, 1),
+        "--total-timesteps": (args.total_timesteps, 0),
+        "--num-envs": (args.num_envs, 1),
+        "--num-steps": (args.num_steps, 1),
+        "--num-minibatches": (args.num_minibatches, 1),
+        "--update-epochs": (args.update_epochs, 1),
+        "--vf-coef": (args.vf_coef, 0),
+        "--eval-episodes": (args.eval_episodes, 0),
+        "--checkpoint-freq": (args.checkpoint_freq, 0),
+    }
+    positive = {
+        "--learning-rate": args.learning_rate,
+        "--clip-coef": args.clip_coef,
+        "--max-grad-norm": args.max_grad_norm,
+        "--target-kl": args.target_kl,  # None: no early stop
+    }
+    fractions = {"--gamma": args.gamma, "--gae-lambda": args.gae_lambda}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise SystemExit(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be > 0, not {value}.")
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must lie in [0, 1], not {value}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -405,8 +436,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     args.num_envs = len(args.env_seeds) if args.env_seeds else args.num_envs
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
+    args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))  # check_args refuses 0 in a sentence
+    args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
@@ -414,10 +445,7 @@ if __name__ == "__main__":
         checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     )
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.") from None
+        import wandb
 
         wandb.init(
             project=args.wandb_project_name,
