@@ -11,6 +11,7 @@
 # Needs: text_envs.py, lvlm2p_teachers.py
 import functools
 import hashlib
+import importlib.util
 import os
 import random
 import re
@@ -467,6 +468,41 @@ def distill_loss(
 
 def check_args(args: Args) -> list[str]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the action words."""
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--teacher-image-size": (args.teacher_image_size, 1),
+        "--teacher-max-new-tokens": (args.teacher_max_new_tokens, 1),
+        "--teacher-batch-size": (args.teacher_batch_size, 1),
+        "--teacher-retries": (args.teacher_retries, 0),
+        "--teacher-backoff": (args.teacher_backoff, 0),
+        "--total-timesteps": (args.total_timesteps, 0),
+        "--num-envs": (args.num_envs, 1),
+        "--num-steps": (args.num_steps, 1),
+        "--num-minibatches": (args.num_minibatches, 1),
+        "--update-epochs": (args.update_epochs, 1),
+        "--vf-coef": (args.vf_coef, 0),
+        "--eval-episodes": (args.eval_episodes, 0),
+        "--checkpoint-freq": (args.checkpoint_freq, 0),
+    }
+    positive = {
+        "--teacher-timeout": args.teacher_timeout,
+        "--learning-rate": args.learning_rate,
+        "--clip-coef": args.clip_coef,
+        "--max-grad-norm": args.max_grad_norm,
+        "--target-kl": args.target_kl,  # None: no early stop
+    }
+    fractions = {"--gamma": args.gamma, "--gae-lambda": args.gae_lambda}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise SystemExit(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be > 0, not {value}.")
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must lie in [0, 1], not {value}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -632,8 +668,8 @@ if __name__ == "__main__":
     if args.algo == "a2c":  # one update on the whole rollout
         args.num_minibatches, args.update_epochs = 1, 1
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
+    args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))  # check_args refuses 0 in a sentence
+    args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     action_names = check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
@@ -643,10 +679,7 @@ if __name__ == "__main__":
         checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     )
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.") from None
+        import wandb
 
         wandb.init(
             project=args.wandb_project_name,
