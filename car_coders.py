@@ -5,7 +5,9 @@ reached and falls back to the committed tiny random model for the default id. Th
 prompts, the readers of the replies and what is done with them. Used by vlm_car_reward.py only; it never imports
 the script."""
 
+import asyncio
 import base64
+import email.utils
 import io
 import json
 import os
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import httpx2
 import huggingface_hub
 import numpy as np
 import torch
@@ -46,13 +49,86 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+# The HTTP client is httpx2 (the client of huggingface_hub and of the openai SDK, so transformers installs it): its
+# replies stream, so a reply is read up to a size cap, and its async requests can be cancelled at a deadline, which
+# a per-read timeout cannot do against a server that sends a byte a second. The openai SDK would read any reply
+# whole, parse `content` as a string only, and retry 408 and 409 too.
+MAX_REPLY_BYTES = 2**20  # a chat completion of a few thousand tokens is tens of kB; a larger reply is not read
+
+
+class FailedAttempt(Exception):
+    """One request that got no reply; `retry_after` the seconds to wait before trying again, None if trying again
+    cannot help (a 4xx other than 429, a reply that is not a chat completion, the deadline spent)."""
+
+    def __init__(self, reason: str, retry_after: float | None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float:
+    """The wait a Retry-After header asks for (seconds or an HTTP date); 0 when there is none or it does not parse."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def reply_text(raw: bytes) -> str:
+    """The assistant's text in a chat-completions reply; ValueError when the reply is not one."""
+    try:
+        reply = json.loads(raw)
+    except RecursionError:  # the json module refuses nesting deeper than the recursion limit
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("no choices[0].message.content") from None
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):  # content parts, as in requests
+        return "".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise ValueError(f"the content is a {type(content).__name__}")
+
+
+async def post_chat(client: httpx2.AsyncClient, url: str, payload: dict, max_bytes: int) -> str:
+    """One try at a chat completion: the reply's text, else FailedAttempt; at most `max_bytes` of the reply are read.
+    The caller bounds the time (asyncio.timeout)."""
+    body = bytearray()
+    try:
+        async with client.stream("POST", url, json=payload) as response:
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise FailedAttempt(f"a reply larger than {max_bytes} bytes", None)
+    except httpx2.TransportError as error:  # refused, reset, closed half-way: a server restarting may be back soon
+        raise FailedAttempt(f"{type(error).__name__}: {error}", 0.0) from None
+    if not response.is_success:
+        retry = response.status_code == 429 or response.status_code >= 500  # other 4xx: the request itself is wrong
+        wait = retry_after_seconds(response.headers.get("Retry-After")) if retry else None
+        said = " ".join(bytes(body[:200]).decode(errors="replace").split())  # one line, for a one-sentence exit
+        raise FailedAttempt(f"HTTP {response.status_code} {said}", wait)
+    try:
+        return reply_text(bytes(body))
+    except ValueError as error:
+        raise FailedAttempt(f"not a chat completion ({error})", None) from None
+
+
 class CoderUnavailable(Exception):
-    """The coder's server failed every attempt."""
+    """The coder's server gave no reply."""
 
 
 class OpenAICoder:
-    """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs), each failed
-    request retried with exponential backoff."""
+    """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs). Each reply
+    within `timeout` seconds, retries included (5xx, 429 after its Retry-After, a lost connection, with exponential
+    backoff); CoderUnavailable when there is none."""
 
     def __init__(
         self,
@@ -64,33 +140,45 @@ class OpenAICoder:
         retries: int,
         backoff: float,
     ):
-        self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
-        self.max_new_tokens, self.timeout, self.retries, self.backoff = max_new_tokens, timeout, retries, backoff
+        self.model, self.url, self.max_new_tokens = model, base_url.rstrip("/") + "/chat/completions", max_new_tokens
+        self.headers = {"Accept-Encoding": "identity"}  # the size cap counts the bytes as they arrive
+        self.ssl_context = httpx2.create_ssl_context()  # made once: 40 ms, each call has a client of its own
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    async def complete(self, payload: dict) -> str:
+        """The reply to a chat-completions request, retried where that can help."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        # httpx's timeouts bound each read, not a reply: asyncio.timeout_at ends a request at its deadline
+        async with httpx2.AsyncClient(headers=self.headers, verify=self.ssl_context, timeout=None) as client:
+            for attempt in range(self.retries + 1):
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        return await post_chat(client, self.url, payload, MAX_REPLY_BYTES)
+                except TimeoutError:
+                    failure = FailedAttempt(f"no reply within {self.timeout:g} s", None)
+                except FailedAttempt as error:
+                    failure = error
+                if failure.retry_after is None:
+                    break
+                wait = max(failure.retry_after, self.backoff * 2**attempt)
+                if attempt == self.retries or loop.time() + wait >= deadline:
+                    break
+                await asyncio.sleep(wait)
+        raise CoderUnavailable(f"{self.url} gave no reply in {attempt + 1} tries, the last: {failure}")
 
     def __call__(self, text: str, images: Sequence[np.ndarray]) -> str:
         """The reply to one user turn: the images, then the text."""
         content = [{"type": "image_url", "image_url": {"url": png_data_url(coder_image(image))}} for image in images]
-        body = json.dumps(
-            {
-                "model": self.model,
-                "max_tokens": self.max_new_tokens,
-                "temperature": 0,
-                "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
-            }
-        )
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.retries + 1):
-            try:
-                request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as error:  # HTTP, timeout, not the API's JSON
-                reason = f"{type(error).__name__}: {error}"
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2**attempt)
-        raise CoderUnavailable(f"{self.url} failed {self.retries + 1} times, last with {reason}")
+        payload = {
+            "model": self.model,
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+        }
+        return asyncio.run(self.complete(payload))
 
 
 class HFCoder:

@@ -2,13 +2,15 @@
 and the scripted expert (`expert`).
 
 Each teacher is a callable from a batch of `Frame`s to one action distribution per frame (None where a reply
-does not parse), raising `TeacherUnavailable` when a server fails after every retry. The method is the script's:
+does not parse, and for a server `NoReply` where it did not answer). The method is the script's:
 it passes in the prompts, the parser of the replies and the rule that turns likelihoods into a distribution, and
 does the rest (the cache, the KL term of eq. 1). This file loads models, formats chats and talks HTTP; it never
 imports the script. Only ppo_lvlm2p_distill.py uses it.
 """
 
+import asyncio
 import base64
+import email.utils
 import io
 import json
 import os
@@ -18,10 +20,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import httpx2
 import huggingface_hub
 import numpy as np
 import torch
@@ -41,10 +43,6 @@ class Frame(NamedTuple):
     image: np.ndarray  # what a VLM teacher sees: the full, rendered grid
     mission: str
     expert_action: int  # text_envs.expert_action in this frame's state (the expert teacher's answer), else -1
-
-
-class TeacherUnavailable(Exception):
-    """The teacher could not answer (a server that errors or times out after every retry)."""
 
 
 class ExpertTeacher:
@@ -268,10 +266,123 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+# The HTTP client is httpx2 (the client of huggingface_hub and of the openai SDK, so transformers installs it): its
+# replies stream, so a reply is read up to a size cap, and its async requests can be cancelled at a deadline, which
+# a per-read timeout cannot do against a server that sends a byte a second. The openai SDK would read any reply
+# whole, parse `content` as a string only, and retry 408 and 409 too.
+MAX_REPLY_BYTES = 2**20  # a chat completion of a few thousand tokens is tens of kB; a larger reply is not read
+
+
+class FailedAttempt(Exception):
+    """One request that got no reply; `retry_after` the seconds to wait before trying again, None if trying again
+    cannot help (a 4xx other than 429, a reply that is not a chat completion, the deadline spent)."""
+
+    def __init__(self, reason: str, retry_after: float | None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float:
+    """The wait a Retry-After header asks for (seconds or an HTTP date); 0 when there is none or it does not parse."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def reply_text(raw: bytes) -> str:
+    """The assistant's text in a chat-completions reply; ValueError when the reply is not one."""
+    try:
+        reply = json.loads(raw)
+    except RecursionError:  # the json module refuses nesting deeper than the recursion limit
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("no choices[0].message.content") from None
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):  # content parts, as in requests
+        return "".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise ValueError(f"the content is a {type(content).__name__}")
+
+
+async def post_chat(client: httpx2.AsyncClient, url: str, payload: dict, max_bytes: int) -> str:
+    """One try at a chat completion: the reply's text, else FailedAttempt; at most `max_bytes` of the reply are read.
+    The caller bounds the time (asyncio.timeout)."""
+    body = bytearray()
+    try:
+        async with client.stream("POST", url, json=payload) as response:
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise FailedAttempt(f"a reply larger than {max_bytes} bytes", None)
+    except httpx2.TransportError as error:  # refused, reset, closed half-way: a server restarting may be back soon
+        raise FailedAttempt(f"{type(error).__name__}: {error}", 0.0) from None
+    if not response.is_success:
+        retry = response.status_code == 429 or response.status_code >= 500  # other 4xx: the request itself is wrong
+        wait = retry_after_seconds(response.headers.get("Retry-After")) if retry else None
+        said = " ".join(bytes(body[:200]).decode(errors="replace").split())  # one line, for a one-sentence exit
+        raise FailedAttempt(f"HTTP {response.status_code} {said}", wait)
+    try:
+        return reply_text(bytes(body))
+    except ValueError as error:
+        raise FailedAttempt(f"not a chat completion ({error})", None) from None
+
+
+class CircuitBreaker:
+    """Stops asking a server after `failures` failed requests in a row, for `cooldown` seconds; then lets one request
+    through: a reply closes the breaker, a failure opens it for another cooldown."""
+
+    def __init__(self, failures: int, cooldown: float):
+        self.failures, self.cooldown = failures, cooldown
+        self.in_a_row, self.open_until, self.probing = 0, 0.0, False
+
+    def is_open(self) -> bool:
+        """Whether requests are being refused now."""
+        return self.in_a_row >= self.failures and (self.probing or time.monotonic() < self.open_until)
+
+    def allows(self) -> bool:
+        """Whether a request may be sent now (after a cooldown, the one request that tries again)."""
+        if self.in_a_row < self.failures:
+            return True
+        if self.is_open():
+            return False
+        self.probing = True
+        return True
+
+    def record(self, ok: bool) -> None:
+        """The outcome of a request it allowed."""
+        self.probing = False
+        self.in_a_row = 0 if ok else self.in_a_row + 1
+        if self.in_a_row >= self.failures:
+            self.open_until = time.monotonic() + self.cooldown
+
+
+class NoReply(NamedTuple):
+    """A frame the server did not answer, and why; `skipped` when it was not asked, the circuit breaker being open."""
+
+    reason: str
+    skipped: bool
+
+
+class BreakerOpen(Exception):
+    """The circuit breaker stopped a request before it was sent."""
+
+
 class OpenAITeacher:
     """Any OpenAI-compatible chat-completions server (vLLM, Ollama, `transformers serve`, hosted APIs): the two
     questions of `prompts(mission)` as a two-turn chat with the frame as an image, `parse(reply)` the distribution in
-    the second reply; each failed request retried with exponential backoff."""
+    the second reply. Each reply within `timeout` seconds, retries included (5xx, 429 after its Retry-After, a lost
+    connection, with exponential backoff); a circuit breaker stops asking a failing server for `cooldown` seconds."""
 
     def __init__(
         self,
@@ -284,34 +395,49 @@ class OpenAITeacher:
         timeout: float,
         retries: int,
         backoff: float,
-        concurrency: int,
+        cooldown: float,
+        breaker_failures: int = 5,
     ):
-        self.model, self.url, self.api_key = model, base_url.rstrip("/") + "/chat/completions", api_key
-        self.prompts, self.parse, self.max_new_tokens = prompts, parse, max_new_tokens
-        self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
+        self.model, self.url, self.max_new_tokens = model, base_url.rstrip("/") + "/chat/completions", max_new_tokens
+        self.headers = {"Accept-Encoding": "identity"}  # the size cap counts the bytes as they arrive
+        self.ssl_context = httpx2.create_ssl_context()  # made once: 40 ms, each call has a client of its own
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.prompts, self.parse = prompts, parse
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.breaker = CircuitBreaker(breaker_failures, cooldown)
 
-    def complete(self, messages: list[dict]) -> str:
-        """The assistant's reply to `messages`, retrying errors and timeouts; TeacherUnavailable after the last
-        retry."""
-        body = json.dumps(
-            {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens, "temperature": 0}
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+    async def complete(self, client: httpx2.AsyncClient, messages: list[dict]) -> str:
+        """The assistant's reply to `messages`; FailedAttempt (the last one) or BreakerOpen when there is none."""
+        payload = {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens, "temperature": 0}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        failure = None
         for attempt in range(self.retries + 1):
+            if not self.breaker.allows():
+                raise failure or BreakerOpen()
             try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as error:  # HTTP, timeout, not the API's JSON
-                reason = f"{type(error).__name__}: {error}"
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2**attempt)
-        raise TeacherUnavailable(f"{self.url} failed {self.retries + 1} times, last with {reason}")
+                async with asyncio.timeout_at(deadline):
+                    text = await post_chat(client, self.url, payload, MAX_REPLY_BYTES)
+                self.breaker.record(ok=True)
+                return text
+            except TimeoutError:
+                failure = FailedAttempt(f"no reply within {self.timeout:g} s", None)
+            except FailedAttempt as error:
+                failure = error
+            self.breaker.record(ok=False)
+            if failure.retry_after is None:
+                break
+            wait = max(failure.retry_after, self.backoff * 2**attempt)
+            if attempt == self.retries or loop.time() + wait >= deadline:
+                break
+            await asyncio.sleep(wait)
+        raise failure
 
-    def query(self, frame: Frame) -> np.ndarray | None:
+    async def query(self, client: httpx2.AsyncClient, frame: Frame) -> np.ndarray | None | NoReply:
         """One frame through the two stages."""
+        if self.breaker.is_open():  # before the PNG is made: a dead server costs next to nothing
+            return self.skipped()
         scene, question = self.prompts(frame.mission)
         first = {
             "role": "user",
@@ -320,13 +446,27 @@ class OpenAITeacher:
                 {"type": "text", "text": scene},
             ],
         }
-        described = self.complete([first])
-        reply = self.complete(
-            [first, {"role": "assistant", "content": described}, {"role": "user", "content": question}]
-        )
+        try:
+            described = await self.complete(client, [first])
+            reply = await self.complete(
+                client, [first, {"role": "assistant", "content": described}, {"role": "user", "content": question}]
+            )
+        except FailedAttempt as error:
+            return NoReply(f"{self.url}: {error}", skipped=False)
+        except BreakerOpen:
+            return self.skipped()
         return self.parse(reply)
 
-    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None]:
-        """One distribution per frame, the frames' requests in flight together; TeacherUnavailable if any failed."""
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self.query, frames))
+    def skipped(self) -> NoReply:
+        """A frame not asked, the circuit breaker being open."""
+        return NoReply(f"{self.url} failed {self.breaker.failures} times in a row, not asked for a while", True)
+
+    async def ask(self, frames: Sequence[Frame]) -> list[np.ndarray | None | NoReply]:
+        """The frames' requests in flight together."""
+        # httpx's timeouts bound each read, not a reply: asyncio.timeout_at ends a request at its deadline
+        async with httpx2.AsyncClient(headers=self.headers, verify=self.ssl_context, timeout=None) as client:
+            return list(await asyncio.gather(*(self.query(client, frame) for frame in frames)))
+
+    def __call__(self, frames: Sequence[Frame]) -> list[np.ndarray | None | NoReply]:
+        """One distribution per frame (None where a reply holds none, NoReply where there is no reply)."""
+        return asyncio.run(self.ask(frames))

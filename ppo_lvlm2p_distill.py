@@ -37,8 +37,8 @@ from lvlm2p_teachers import (
     Frame,
     HFLikelihoodTeacher,
     HFTeacher,
+    NoReply,
     OpenAITeacher,
-    TeacherUnavailable,
     load_teacher_model,
 )
 
@@ -108,11 +108,14 @@ class Args:
     teacher_api_key_env: str = "OPENAI_API_KEY"
     """the environment variable holding the server's API key (sent as a bearer token, never logged)"""
     teacher_timeout: float = 60.0
-    """seconds to wait for one reply of an openai: teacher"""
+    """seconds one reply of an openai: teacher may take, its retries included"""
     teacher_retries: int = 3
-    """retries of a failed request before its frame trains on the RL loss alone"""
+    """retries of a failed request (5xx, 429, a lost connection) before its frame trains on the RL loss alone"""
     teacher_backoff: float = 1.0
-    """seconds before the first retry, doubled for each next one"""
+    """seconds before the first retry, doubled for each next one (longer where a 429 or 503 says so)"""
+    teacher_cooldown: float = 60.0
+    """seconds an openai: teacher is not asked after 5 failed requests in a row (its frames train on the RL loss
+    alone); then one request tries again"""
     teacher_temperature: float = 0.3
     """expert teacher: its distribution is softmax(one_hot(expert action) / temperature)"""
     teacher_noise: float = 0.0
@@ -387,7 +390,7 @@ def build_teacher(args: Args, action_names: Sequence[str], device: torch.device)
             args.teacher_timeout,
             args.teacher_retries,
             args.teacher_backoff,
-            args.teacher_batch_size,
+            args.teacher_cooldown,
         )
     model, processor = load_teacher_model(name, device)
     if args.teacher_mode == "likelihood":
@@ -406,11 +409,12 @@ class TeacherStats(NamedTuple):
     cache_hits: int  # samples labelled from the cache
     parse_failures: int  # queried frames whose reply held no valid distribution
     server_failures: int  # queried frames whose request failed after every retry
+    skipped: int  # queried frames not sent, the teacher's circuit breaker being open
     seconds: float  # wall time spent in the teacher
 
 
 def label_frames(
-    teacher: Callable[[Sequence[Frame]], list[np.ndarray | None]],
+    teacher: Callable[[Sequence[Frame]], list[np.ndarray | None | NoReply]],
     frames: Sequence[Frame],
     keys: Sequence[bytes] | None,
     cache: dict[bytes, np.ndarray | None] | None,
@@ -420,7 +424,8 @@ def label_frames(
     """The teacher's distribution for every frame ([N, A], zeros where none) and which frames have one.
 
     With a cache, each distinct frame (its key) reaches the teacher at most once; replies that do not parse are cached
-    too (the teacher is asked once per frame), server failures are not (the frame is asked again in a later rollout).
+    too (the teacher is asked once per frame), frames the server did not answer are not (they are asked again in a
+    later rollout, and train on the RL loss alone until then).
     """
     start = time.time()
     if cache is None:  # no cache (minibatch mode): every sample is asked, repeats included, and nothing is kept
@@ -430,24 +435,31 @@ def label_frames(
         if key not in cache:
             first.setdefault(key, i)
     todo = list(first.values())
-    parse_failures = server_failures = 0
+    parse_failures = server_failures = skipped = 0
+    no_reply = None
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
-        try:
-            replies = teacher([frames[i] for i in batch])
-        except TeacherUnavailable as error:
-            print(f"teacher unavailable, {len(batch)} frames train on the RL loss alone ({error})", flush=True)
-            server_failures += len(batch)
-            continue
-        for i, reply in zip(batch, replies):
+        for i, reply in zip(batch, teacher([frames[i] for i in batch])):
+            if isinstance(reply, NoReply):
+                no_reply = reply
+                server_failures += not reply.skipped
+                skipped += reply.skipped
+                continue
             parse_failures += reply is None
             cache[keys[i]] = reply
+    if no_reply is not None:
+        unanswered = server_failures + skipped
+        print(
+            f"teacher: no reply for {unanswered} frames, they train on the RL loss alone ({no_reply.reason})",
+            flush=True,
+        )
     probs, valid = torch.zeros(len(frames), n_actions), torch.zeros(len(frames), dtype=torch.bool)
     for i, key in enumerate(keys):
         if cache.get(key) is not None:
             probs[i], valid[i] = torch.as_tensor(cache[key], dtype=torch.float32), True
     cache_hits = len(frames) - len(todo)
-    return probs, valid, TeacherStats(len(todo), cache_hits, parse_failures, server_failures, time.time() - start)
+    seconds = time.time() - start
+    return probs, valid, TeacherStats(len(todo), cache_hits, parse_failures, server_failures, skipped, seconds)
 
 
 def distill_loss(
@@ -948,7 +960,7 @@ if __name__ == "__main__":
             writer.add_scalar("teacher/queries", total_queries, global_step)
             writer.add_scalar("teacher/queries_per_step", total_queries / global_step, global_step)
             writer.add_scalar("teacher/cache_hit_rate", totals.cache_hits / labelled, global_step)
-            for name in ("parse_failures", "server_failures", "seconds"):
+            for name in ("parse_failures", "server_failures", "skipped", "seconds"):
                 writer.add_scalar(f"teacher/{name}", getattr(totals, name), global_step)
             teacher_report = f" teacher_queries={total_queries}"
         if episode_returns:

@@ -11,6 +11,7 @@
 # a seccomp filter and OS limits (it is hostile input), and saves and reads back the accepted programs.
 # Needs: text_envs.py, car_coders.py, car_sandbox.py
 import ast
+import importlib.util
 import operator
 import os
 import random
@@ -103,11 +104,11 @@ class Args:
     coder_api_key_env: str = "OPENAI_API_KEY"
     """the environment variable holding the server's API key (sent as a bearer token, never logged)"""
     coder_timeout: float = 120.0
-    """seconds to wait for one reply of an openai: coder"""
+    """seconds one reply of an openai: coder may take, its retries included"""
     coder_retries: int = 3
-    """retries of a failed request to an openai: coder"""
+    """retries of a failed request (5xx, 429, a lost connection) to an openai: coder"""
     coder_backoff: float = 1.0
-    """seconds before the first retry, doubled for each next one"""
+    """seconds before the first retry, doubled for each next one (longer where a 429 or 503 says so)"""
     max_new_tokens: int = 768
     """the most tokens the coder writes in one reply"""
     checker_input: Literal["frame", "state"] = "frame"
@@ -419,7 +420,7 @@ def program_prompt(
 
 # What counts as the program in a reply is the method's: a reply read wrongly costs a round of verification
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
-CODE_START = re.compile(r"^(?:import |from |def |[A-Za-z_][A-Za-z0-9_]* = )")
+CODE_LINE = re.compile(r"^(?:import |from |def |class |@|#|[A-Za-z_][A-Za-z0-9_]* = |[ \t]|\s*$)")
 
 
 def _parses(code: str) -> bool:
@@ -432,21 +433,30 @@ def _parses(code: str) -> bool:
 
 def extract_code(text: str) -> str | None:
     """The program in a reply: the fenced block that defines `check` (a block cut off at the end of the reply counts),
-    else the longest run of lines around `def check` that parses; None when there is no parsable `check`."""
+    else the code lines around the first `def check` up to the prose on either side, with or without the lines above
+    it and after its body, whichever parses first; None when there is no parsable `check`."""
     blocks = [match.group(2) for match in FENCE.finditer(text)]
     for block in blocks:
         if "def check" in block and _parses(block):
             return block.strip() + "\n"
     lines = text.splitlines()[:500]
-    defs = [i for i, line in enumerate(lines) if line.startswith("def check")]
-    if not defs:
+    check = next((i for i, line in enumerate(lines) if line.startswith("def check")), None)
+    if check is None:
         return None
-    starts = [i for i in range(defs[0] + 1) if CODE_START.match(lines[i])]
-    for start in starts:  # earliest code line first (imports and constants), then the longest piece that parses
-        for end in range(len(lines), defs[0], -1):
-            code = "\n".join(lines[start:end])
-            if _parses(code):
-                return code.strip() + "\n"
+    # a handful of parses, not one per pair of lines: a 500-line reply of prose took 30 s to search that way
+    start = check
+    while start > 0 and CODE_LINE.match(lines[start - 1]):  # imports and constants above it
+        start -= 1
+    body_end = check + 1
+    while body_end < len(lines) and (not lines[body_end].strip() or lines[body_end][0] in " \t"):
+        body_end += 1
+    end = body_end
+    while end < len(lines) and CODE_LINE.match(lines[end]):  # helpers after it
+        end += 1
+    for first, last in ((start, end), (start, body_end), (check, end), (check, body_end)):
+        code = "\n".join(lines[first:last])
+        if _parses(code):
+            return code.strip() + "\n"
     return None
 
 
@@ -664,6 +674,46 @@ def grid_size(env_id: str) -> tuple[int, int]:
 
 def check_args(args: Args) -> tuple[int, int]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the grid size."""
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--coder-retries": (args.coder_retries, 0),
+        "--coder-backoff": (args.coder_backoff, 0),
+        "--max-new-tokens": (args.max_new_tokens, 1),
+        "--tile-size": (args.tile_size, 4),
+        "--num-expert": (args.num_expert, 0),
+        "--num-random": (args.num_random, 0),
+        "--max-rounds": (args.max_rounds, 1),
+        "--checker-memory-mb": (args.checker_memory_mb, 256),
+        "--subtask-bonus": (args.subtask_bonus, 0),
+        "--total-timesteps": (args.total_timesteps, 0),
+        "--num-envs": (args.num_envs, 1),
+        "--num-steps": (args.num_steps, 1),
+        "--num-minibatches": (args.num_minibatches, 1),
+        "--update-epochs": (args.update_epochs, 1),
+        "--vf-coef": (args.vf_coef, 0),
+        "--eval-episodes": (args.eval_episodes, 0),
+        "--checkpoint-freq": (args.checkpoint_freq, 0),
+    }
+    positive = {
+        "--coder-timeout": args.coder_timeout,
+        "--checker-timeout": args.checker_timeout,
+        "--learning-rate": args.learning_rate,
+        "--clip-coef": args.clip_coef,
+        "--max-grad-norm": args.max_grad_norm,
+        "--target-kl": args.target_kl,  # None: no early stop
+    }
+    fractions = {"--gamma": args.gamma, "--gae-lambda": args.gae_lambda}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise SystemExit(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be > 0, not {value}.")
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must lie in [0, 1], not {value}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
     if args.batch_size % args.num_minibatches:
         raise SystemExit(
             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {args.batch_size} steps per rollout "
@@ -684,14 +734,8 @@ def check_args(args: Args) -> tuple[int, int]:
             f"--coder {args.coder} needs --coder-base-url, the server's OpenAI-compatible address "
             "(e.g. http://localhost:8000/v1)."
         )
-    if min(args.num_expert, args.num_random, args.subtask_bonus, args.total_timesteps) < 0 or args.max_rounds < 1:
-        raise SystemExit(
-            "--num-expert, --num-random, --subtask-bonus and --total-timesteps must be >= 0 and --max-rounds >= 1."
-        )
     if coder_writes and args.num_expert < 1:
         raise SystemExit("--num-expert must be >= 1 when the coder writes the programs: verification needs experts.")
-    if args.tile_size < 4 or args.checker_timeout <= 0 or args.checker_memory_mb < 256:
-        raise SystemExit("--tile-size must be >= 4, --checker-timeout > 0 and --checker-memory-mb >= 256.")
     if not args.accept_unconfined_programs and (problem := confinement_problem()):
         raise SystemExit(
             f"The reward programs cannot be confined on this machine ({problem}): on Linux, pip "
@@ -809,8 +853,8 @@ def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.de
 if __name__ == "__main__":
     args = tyro.cli(Args)
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
+    args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))  # check_args refuses 0 in a sentence
+    args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
     grid = check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
@@ -889,10 +933,7 @@ if __name__ == "__main__":
             log(f"reward programs for {subtasks} saved to runs/{run_name}/reward_programs")
 
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.") from None
+        import wandb
 
         wandb.init(
             project=args.wandb_project_name,

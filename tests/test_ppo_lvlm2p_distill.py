@@ -1,5 +1,5 @@
-"""ppo_lvlm2p_distill: the KL term by hand, reply parsing, the teacher cache, the three teacher backends (an OpenAI-
-compatible server on loopback included, failing ones too), end-to-end runs, resuming and the error messages."""
+"""ppo_lvlm2p_distill: the KL term by hand, reply parsing, the teacher cache, the teacher backends (the openai: one in
+test_servers.py), end-to-end runs (a dead teacher server included), resuming and the error messages."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from openai_server import OpenAIServer, request_parts, vlm_reply
+from openai_server import OpenAIServer
 from script_helpers import exit_message, run_as_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -45,6 +45,7 @@ TEACHER_TAGS = {
     "teacher/seconds",
     "teacher/parse_failures",
     "teacher/server_failures",
+    "teacher/skipped",
     "teacher/kl",
     "teacher/distill_coef",
 }
@@ -136,20 +137,20 @@ def test_parse_teacher_probs(text, expected):
 
 class CountingTeacher:
     """Answers with a distribution that names the frame's first pixel; None for frames whose pixel is in `no_answer`,
-    TeacherUnavailable while `down`."""
+    NoReply for those in `down` (all of them when `down` is True), skipped ones while `skipping`."""
 
     def __init__(self, no_answer: tuple[int, ...] = ()):
         self.asked: list[int] = []
-        self.no_answer, self.down = no_answer, False
+        self.no_answer, self.down, self.skipping = no_answer, (), False
+
+    def answer(self, pixel: int) -> np.ndarray | None | teachers.NoReply:
+        if self.skipping or self.down is True or pixel in self.down:
+            return teachers.NoReply("down", skipped=self.skipping)
+        return None if pixel in self.no_answer else np.eye(N_ACTIONS)[pixel % N_ACTIONS]
 
     def __call__(self, frames):
-        if self.down:
-            raise teachers.TeacherUnavailable("down")
         self.asked += [int(f.image[0, 0, 0]) for f in frames]
-        return [
-            None if int(f.image[0, 0, 0]) in self.no_answer else np.eye(N_ACTIONS)[int(f.image[0, 0, 0]) % N_ACTIONS]
-            for f in frames
-        ]
+        return [self.answer(int(f.image[0, 0, 0])) for f in frames]
 
 
 def frames_of(pixels: list[int], mission: str = "go") -> tuple[list[teachers.Frame], list[bytes]]:
@@ -183,15 +184,30 @@ def test_cache_queries_each_distinct_frame_once_across_rollouts():
     assert stats.queries == 3 and teacher.asked[6:] == [1, 1, 1]
 
 
-def test_server_failures_train_without_kl_and_are_asked_again():
+def test_server_failures_train_without_kl_and_are_asked_again(capsys):
     teacher, cache = CountingTeacher(), {}
     frames, keys = frames_of([1, 2])
     teacher.down = True
     _, valid, stats = lvlm2p.label_frames(teacher, frames, keys, cache, N_ACTIONS, batch_size=8)
-    assert not valid.any() and stats.server_failures == 2 and cache == {}
-    teacher.down = False
+    assert not valid.any() and (stats.server_failures, stats.skipped) == (2, 0) and cache == {}
+    assert "no reply for 2 frames, they train on the RL loss alone (down)" in capsys.readouterr().out
+    teacher.down, teacher.skipping = (), True  # the circuit breaker open: not sent, counted apart
+    _, valid, stats = lvlm2p.label_frames(teacher, frames, keys, cache, N_ACTIONS, batch_size=8)
+    assert not valid.any() and (stats.server_failures, stats.skipped) == (0, 2) and cache == {}
+    teacher.skipping = False
     _, valid, stats = lvlm2p.label_frames(teacher, frames, keys, cache, N_ACTIONS, batch_size=8)
     assert valid.all() and stats.queries == 2
+
+
+def test_one_unanswered_frame_keeps_its_batchs_replies():
+    teacher, cache = CountingTeacher(), {}
+    frames, keys = frames_of([1, 2, 3])
+    teacher.down = (2,)
+    _, valid, stats = lvlm2p.label_frames(teacher, frames, keys, cache, N_ACTIONS, batch_size=8)
+    assert valid.tolist() == [True, False, True] and stats.server_failures == 1 and len(cache) == 2
+    teacher.down = ()
+    _, valid, stats = lvlm2p.label_frames(teacher, frames, keys, cache, N_ACTIONS, batch_size=8)
+    assert valid.all() and stats.queries == 1 and teacher.asked[3:] == [2]
 
 
 def test_expert_teacher_softened_and_corrupted():
@@ -270,47 +286,12 @@ def test_generate_teacher_asks_in_two_stages(tiny_smolvlm_path, frame):
     assert question.count("<image>") == scene.count("<image>") > 0  # one image, in the first turn
 
 
-# --- the openai: backend against a real HTTP server -----------------------------------------------------------------
-
-
-def openai_teacher(server: OpenAIServer, **kwargs) -> teachers.OpenAITeacher:
-    options = {"timeout": 5.0, "retries": 2, "backoff": 0.01, "concurrency": 4, **kwargs}
-    prompts = functools.partial(lvlm2p.stage_prompts, action_names=text_envs.PRIMITIVE_ACTION_NAMES, examples="")
-    parse = functools.partial(lvlm2p.parse_teacher_probs, n_actions=len(text_envs.PRIMITIVE_ACTION_NAMES))
-    return teachers.OpenAITeacher("test-vlm", server.base_url, SECRET, prompts, parse, 16, **options)
+# --- a scripted teacher server, for the runs below ------------------------------------------------------------------
 
 
 def scripted_reply(body: dict) -> str:
     """Stage 1: a description; stage 2: the probabilities."""
     return "The agent is at row 2." if len(body["messages"]) == 1 else "[0.1, 0.1, 0.8, 0, 0, 0, 0]"
-
-
-def test_openai_teacher_with_a_real_vlm_behind_the_server(tiny_smolvlm_path, frame):
-    with OpenAIServer(vlm_reply(tiny_smolvlm_path, max_new_tokens=8)) as server:
-        replies = openai_teacher(server)([frame, frame])
-    assert len(server.requests) == 4 and server.auth == [f"Bearer {SECRET}"] * 4
-    first = next(body for body in server.requests if len(body["messages"]) == 1)
-    text, images = request_parts(first)
-    assert frame.mission in text and len(images) == 1 and images[0].startswith(b"\x89PNG")
-    second = next(body for body in server.requests if len(body["messages"]) == 3)
-    assert second["messages"][1]["role"] == "assistant" and second["messages"][0] == first["messages"][0]
-    # a random-weight model does not answer with 7 probabilities: no distribution, no crash
-    assert all(reply is None or reply.shape == (7,) for reply in replies)
-
-
-@pytest.mark.parametrize("failure", ["status", "hang", "garbage"])
-def test_openai_teacher_retries_a_failing_server(frame, failure):
-    with OpenAIServer(scripted_reply, failures=2, failure=failure, hang_seconds=1.0) as server:
-        (probs,) = openai_teacher(server, timeout=0.3)([frame])
-    assert np.allclose(probs, [0.1, 0.1, 0.8, 0, 0, 0, 0])
-    assert len(server.requests) == 4  # two failed, then both stages
-
-
-def test_openai_teacher_that_keeps_failing_leaves_the_batch_unlabelled(frame):
-    with OpenAIServer(scripted_reply, failures=100) as server:
-        probs, valid, stats = lvlm2p.label_frames(openai_teacher(server), [frame], [b"k"], {}, N_ACTIONS, 4)
-    assert len(server.requests) == 3  # the first try and 2 retries
-    assert not valid.any() and stats.server_failures == 1 and probs.abs().sum() == 0
 
 
 # --- end-to-end runs -------------------------------------------------------------------------------------------------
@@ -470,7 +451,10 @@ def test_openai_teacher_run_survives_a_dead_server_and_never_logs_the_key(tmp_pa
     with OpenAIServer(scripted_reply, failures=10**6) as server:  # a server that never answers: RL alone, no stop
         run_script(monkeypatch, tmp_path / "dead", "--teacher-base-url", server.base_url, *flags)
     logged = scalars(tmp_path / "dead")
-    assert total(logged, "teacher/server_failures") == logged["teacher/queries"][-1][1] > 0
+    failed, skipped = total(logged, "teacher/server_failures"), total(logged, "teacher/skipped")
+    assert failed + skipped == logged["teacher/queries"][-1][1] and failed > 0 and skipped > 0
+    assert len(server.requests) < 2 * failed  # the circuit breaker opened: the failing frames' retries not sent
+    assert "not asked for a while" in capsys.readouterr().out
     assert logged["charts/SPS"][-1][0] == 32
 
 

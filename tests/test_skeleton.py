@@ -40,6 +40,9 @@ COPIES = [  # (function, the files that hold a copy of it)
     ("hub_status", [*VLM_SCRIPTS, "lvlm2p_teachers.py", "car_coders.py"]),
     ("resolve_model_source", [*VLM_SCRIPTS, "lvlm2p_teachers.py", "car_coders.py"]),
     ("png_data_url", ["lvlm2p_teachers.py", "car_coders.py"]),
+    ("retry_after_seconds", ["lvlm2p_teachers.py", "car_coders.py"]),
+    ("reply_text", ["lvlm2p_teachers.py", "car_coders.py"]),
+    ("post_chat", ["lvlm2p_teachers.py", "car_coders.py"]),
 ]
 
 
@@ -47,7 +50,7 @@ def top_level_source(path: Path, name: str) -> str:
     """The source text of the top-level function `name` in the file at `path`."""
     source = path.read_text()
     for node in ast.parse(source).body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
             return ast.get_source_segment(source, node)
     raise AssertionError(f"{path.name} has no top-level function {name}")
 
