@@ -157,7 +157,13 @@ def cot_answer(
     elif env_id in ("EZPoints", "Points24"):
         fields = {"cards": "[" + ", ".join(info["cards"]) + "]", "current formula": info["formula"] or "empty"}
         thought = f"{obs['text']} I append '{action_names[expert]}'."
-    else:  # the description of the true state (FrozenLake: where the goal is; Blackjack: both totals)
+    elif env_id == "Blackjack":  # the totals the prompt asks for first, added up from the cards
+        total, dealer, soft = (int(x) for x in obs["state"])
+        thought = (
+            f"{obs['text']} My total is {total}{' (soft)' if soft else ''} and the dealer's card counts {dealer}. "
+            f"The best action is {action_names[expert]}."
+        )
+    else:  # the description of the true state (FrozenLake: where the goal is)
         thought = f"{obs['text']} The best action is {action_names[expert]}."
     if with_thoughts:
         fields["thoughts"] = f'"{thought}"'

@@ -63,6 +63,23 @@ def test_numberline_answer_reads_the_true_state_and_parses_to_the_taken_action()
     assert noisy == '{"current number": "1", "target number": "4", "action": "-"}'
 
 
+def test_blackjack_answer_adds_up_the_cards_the_image_shows() -> None:
+    """Blackjack's image and text show cards, not totals: the demonstration's thoughts add them up, as the prompt
+    asks, and name the expert's move."""
+    import text_envs
+
+    for seed in range(20):
+        env = cot.make_env("Blackjack", seed)()
+        obs, info = env.reset()
+        total, usable = text_envs.blackjack_total([text_envs.CARD_RANK_NAMES.index(c) for c in info["player"]])
+        expert = text_envs.expert_action(env)
+        answer = sft_vlm.cot_answer("Blackjack", ["stand", "hit"], obs, info, expert, expert, with_thoughts=True)
+        assert f"My total is {total}{' (soft)' if usable else ''} and" in answer
+        assert answer.endswith(
+            f'The best action is {["stand", "hit"][expert]}.", "action": "{["stand", "hit"][expert]}"}}'
+        )
+
+
 @pytest.fixture(scope="module")
 def smolvlm(tiny_smolvlm_path: str):
     return AutoModelForImageTextToText.from_pretrained(tiny_smolvlm_path).eval(), AutoProcessor.from_pretrained(
