@@ -19,10 +19,12 @@ Run: `python ppo_vlm_likelihood.py --env-id FrozenLake8x8`;
 `accelerate launch --num_processes 4 ppo_vlm_likelihood.py ...` for several GPUs.
 """
 
+import importlib.util
 import os
 import random
 import resource
 import shutil
+import string
 import sys
 import threading
 import time
@@ -635,6 +637,41 @@ def compute_gae(
 
 def check_args(args: Args, world: int = 1) -> None:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--env-seeds": (min(args.env_seeds or [0]), 0),
+        "--eval-seeds": (min(args.eval_seeds or [0]), 0),
+        "--lora-r": (args.lora_r, 1),
+        "--lora-alpha": (args.lora_alpha, 1),
+        "--image-size": (args.image_size, 1),  # None: the env's default size
+        "--total-timesteps": (args.total_timesteps, 0),
+        "--num-envs": (args.num_envs, 1),
+        "--num-steps": (args.num_steps, 1),
+        "--num-minibatches": (args.num_minibatches, 1),
+        "--update-epochs": (args.update_epochs, 1),
+        "--gradient-accumulation-steps": (args.gradient_accumulation_steps, 1),
+        "--vf-coef": (args.vf_coef, 0),
+        "--eval-episodes": (args.eval_episodes, 0),
+        "--checkpoint-freq": (args.checkpoint_freq, 0),
+    }
+    positive = {
+        "--learning-rate": args.learning_rate,
+        "--clip-coef": args.clip_coef,
+        "--max-grad-norm": args.max_grad_norm,
+        "--target-kl": args.target_kl,  # None: no early stop
+    }
+    fractions = {"--gamma": args.gamma, "--gae-lambda": args.gae_lambda}
+    for flag, (value, least) in at_least.items():
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be > 0, not {value}.")
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must lie in [0, 1], not {value}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
     if args.random_policy and (args.total_timesteps > 0 or args.eval_episodes == 0):
         raise SystemExit("--random-policy only evaluates: use it with --total-timesteps 0 and --eval-episodes N.")
     if args.total_timesteps == 0 and args.eval_episodes == 0:
@@ -643,10 +680,6 @@ def check_args(args: Args, world: int = 1) -> None:
         raise SystemExit(
             f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
             f"x processes = {args.batch_size * world}): raise it."
-        )
-    if min(args.num_steps, args.num_minibatches, args.update_epochs, args.gradient_accumulation_steps) < 1:
-        raise SystemExit(
-            "--num-steps, --num-minibatches, --update-epochs and --gradient-accumulation-steps must be at least 1."
         )
     if args.minibatch_size == 0:
         raise SystemExit(
@@ -660,6 +693,21 @@ def check_args(args: Args, world: int = 1) -> None:
         )
     if args.no_image and args.image_size is not None:
         raise SystemExit("--image-size sets the image the VLM sees, so it does not fit with --no-image.")
+    templates = {
+        "--state-template": (args.state_template or "", ["description", "actions"]),
+        "--action-template": (args.action_template, ["action"]),
+    }
+    for flag, (template, names) in templates.items():
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError:  # a lone { or }
+            raise SystemExit(f"{flag} holds an unmatched {{ or }}: write a literal brace as {{{{ or }}}}.") from None
+        for field in fields:
+            if field not in names:
+                raise SystemExit(
+                    f"{flag} holds {{{field}}}, which is not a placeholder: use "
+                    f"{' and '.join('{' + name + '}' for name in names)} (a literal brace is written {{{{ or }}}})."
+                )
     if args.state_template is not None and "{description}" not in args.state_template:
         raise SystemExit("--state-template must contain {description} (and may contain {actions}).")
     if "{action}" not in args.action_template:
@@ -769,13 +817,13 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if args.num_envs is None:
-        args.num_envs = (
-            len(args.env_seeds) // world if args.env_seeds else 2 if args.env_id in ("Fetch", "GoToRedBallGrey") else 4
-        )
+    if args.num_envs is None:  # the paper's 2 envs for Fetch and GoToRedBallGrey, named by their short or full id
+        full_id = text_envs.GRID_ENVS.get(args.env_id, args.env_id)
+        two_envs = full_id in (text_envs.GRID_ENVS["Fetch"], text_envs.GRID_ENVS["GoToRedBallGrey"])
+        args.num_envs = len(args.env_seeds) // world if args.env_seeds else 2 if two_envs else 4
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))
-    args.num_iterations = args.total_timesteps // (args.batch_size * world)
+    args.num_iterations = args.total_timesteps // max(args.batch_size * world, 1)  # check_args refuses 0 envs
     check_args(args, world)
     checkpoint = load_checkpoint(args.resume, args) if args.resume else None
     run_name = (
