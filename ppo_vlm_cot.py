@@ -22,6 +22,7 @@ Needs: text_envs.py (and assets/tiny-smolvlm-cot, the offline fallback model)
 """
 
 import bisect
+import importlib.util
 import json
 import math
 import os
@@ -680,25 +681,42 @@ def compute_gae(
 
 def check_args(args: Args, world: int = 1) -> None:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--sample-every": (args.sample_every, 0),
+        "--lora-r": (args.lora_r, 1),
+        "--lora-alpha": (args.lora_alpha, 1),
+        "--max-new-tokens": (args.max_new_tokens, 1),
+        "--total-timesteps": (args.total_timesteps, 0),
+        "--num-envs": (args.num_envs, 1),
+        "--num-steps": (args.num_steps, 1),
+        "--minibatch-size": (args.minibatch_size, 1),
+        "--update-epochs": (args.update_epochs, 1),
+        "--gradient-accumulation-steps": (args.gradient_accumulation_steps, 1),
+        "--vf-coef": (args.vf_coef, 0),
+        "--eval-episodes": (args.eval_episodes, 0),
+        "--checkpoint-freq": (args.checkpoint_freq, 0),
+    }
+    positive = {
+        "--temperature": args.temperature,  # the policy's log-probs are taken at the sampling temperature
+        "--learning-rate": args.learning_rate,
+        "--clip-coef": args.clip_coef,
+        "--max-grad-norm": args.max_grad_norm,
+    }
+    fractions = {"--thought-coef": args.thought_coef, "--gamma": args.gamma, "--gae-lambda": args.gae_lambda}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise SystemExit(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in positive.items():
+        if not value > 0:
+            raise SystemExit(f"{flag} must be > 0, not {value}.")
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must lie in [0, 1], not {value}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
     if args.total_timesteps == 0 and args.eval_episodes == 0:
         raise SystemExit("--total-timesteps 0 trains nothing: add --eval-episodes N to evaluate the model.")
-    if (
-        min(
-            args.num_envs,
-            args.num_steps,
-            args.minibatch_size,
-            args.update_epochs,
-            args.gradient_accumulation_steps,
-            args.max_new_tokens,
-        )
-        < 1
-        or min(args.total_timesteps, args.eval_episodes, args.sample_every) < 0
-    ):
-        raise SystemExit(
-            "--num-envs, --num-steps, --minibatch-size, --update-epochs, --gradient-accumulation-steps "
-            "and --max-new-tokens must be >= 1, and --total-timesteps, --eval-episodes, --sample-every "
-            ">= 0."
-        )
     if args.total_timesteps > 0 and args.num_iterations < 1:
         raise SystemExit(
             f"--total-timesteps {args.total_timesteps} is less than one rollout (--num-envs x --num-steps "
@@ -709,10 +727,6 @@ def check_args(args: Args, world: int = 1) -> None:
             f"--minibatch-size {args.minibatch_size} exceeds the batch of {args.batch_size} samples per "
             "process: lower it."
         )
-    if not args.temperature > 0:
-        raise SystemExit("--temperature must be > 0: the policy's log-probs are taken at the sampling temperature.")
-    if not 0 <= args.thought_coef <= 1:
-        raise SystemExit("--thought-coef (lambda) must lie in [0, 1]; the paper found 0.2 to 0.5 to work.")
 
 
 def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
@@ -820,7 +834,7 @@ if __name__ == "__main__":
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.num_iterations = args.total_timesteps // (args.batch_size * world)
+    args.num_iterations = args.total_timesteps // max(args.batch_size * world, 1)  # check_args refuses 0 envs
     check_args(args, world)
     checkpoint = load_checkpoint(args.resume, args) if args.resume else None
     run_name = (

@@ -501,7 +501,7 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
         (["--total-timesteps", "0"], "add --eval-episodes"),
         (["--temperature", "0"], "--temperature must be > 0"),
         (["--thought-coef", "1.5"], "must lie in [0, 1]"),
-        (["--max-new-tokens", "0"], "must be >= 1"),
+        (["--max-new-tokens", "0"], "must be at least 1"),
         (["--num-envs", "1", "--num-steps", "4", "--minibatch-size", "8"], "exceeds the batch"),
         (["--total-timesteps", "100"], "is less than one rollout"),
         (["--resume", "no-such-checkpoint"], "Cannot read the checkpoint --resume no-such-checkpoint"),
