@@ -23,6 +23,7 @@ scores. Demonstrations come from the text_envs experts, taking a uniformly rando
 Needs: text_envs.py, ppo_vlm_likelihood.py, ppo_vlm_cot.py
 """
 
+import importlib.util
 import os
 import random
 import time
@@ -118,12 +119,35 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Turn flags that do not fit together into one sentence and a non-zero exit (SystemExit: no traceback)."""
-    if not 0 <= args.expert_noise <= 1:
-        raise SystemExit("--expert-noise is a fraction of steps: it must lie in [0, 1].")
-    if min(args.num_demos, args.num_epochs, args.batch_size, args.max_new_tokens) < 1:
-        raise SystemExit("--num-demos, --num-epochs, --batch-size and --max-new-tokens must be at least 1.")
-    if min(args.eval_episodes, args.eval_freq, args.lora_r) < 0 or not args.learning_rate > 0:
-        raise SystemExit("--eval-episodes, --eval-freq and --lora-r must be >= 0, and --learning-rate > 0.")
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--lora-r": (args.lora_r, 0),  # 0: full fine-tuning
+        "--lora-alpha": (args.lora_alpha, 1),
+        "--num-demos": (args.num_demos, 1),
+        "--demo-seed": (args.demo_seed, 0),
+        "--num-epochs": (args.num_epochs, 1),
+        "--batch-size": (args.batch_size, 1),
+        "--eval-episodes": (args.eval_episodes, 0),
+        "--eval-freq": (args.eval_freq, 0),
+        "--max-new-tokens": (args.max_new_tokens, 1),
+    }
+    positive = {
+        "--learning-rate": args.learning_rate,
+        "--max-grad-norm": args.max_grad_norm,
+        "--temperature": args.temperature,
+    }
+    fractions = {"--expert-noise": args.expert_noise}  # a fraction of steps
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise SystemExit(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in positive.items():
+        if not value > 0:
+            raise SystemExit(f"{flag} must be > 0, not {value}.")
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} must lie in [0, 1], not {value}.")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights and Biases, which is not installed: pip install wandb.")
     if args.demo_seed < args.eval_episodes:
         raise SystemExit(
             f"--demo-seed {args.demo_seed} overlaps the evaluation seeds 0..{args.eval_episodes - 1}: "
@@ -131,8 +155,6 @@ def check_args(args: Args) -> None:
         )
     if args.load_in_4bit and args.lora_r == 0:
         raise SystemExit("--load-in-4bit freezes the base model, so it needs LoRA: pass --lora-r > 0.")
-    if args.format == "cot" and not args.temperature > 0:
-        raise SystemExit("--temperature must be > 0 (the greedy evaluation runs anyway).")
 
 
 def make_env(args: Args, seed: int) -> Callable[[], gym.Env]:

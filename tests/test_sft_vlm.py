@@ -211,7 +211,7 @@ def test_saved_model_loads_in_both_ppo_scripts(tiny_smolvlm_path: str, monkeypat
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--expert-noise", "1.5"], "--expert-noise is a fraction"),
+        (["--expert-noise", "1.5"], "--expert-noise must lie in [0, 1]"),
         (["--num-demos", "0"], "must be at least 1"),
         (["--demo-seed", "10", "--eval-episodes", "100"], "overlaps the evaluation seeds"),
         (["--load-in-4bit", "--lora-r", "0"], "needs LoRA"),
