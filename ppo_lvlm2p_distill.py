@@ -487,6 +487,7 @@ def check_args(args: Args) -> list[str]:
         "--teacher-batch-size": (args.teacher_batch_size, 1),
         "--teacher-retries": (args.teacher_retries, 0),
         "--teacher-backoff": (args.teacher_backoff, 0),
+        "--teacher-cooldown": (args.teacher_cooldown, 0),
         "--total-timesteps": (args.total_timesteps, 0),
         "--num-envs": (args.num_envs, 1),
         "--num-steps": (args.num_steps, 1),

@@ -61,6 +61,7 @@ SCRIPT_FLAGS = {
         (["--teacher-batch-size", "0"], "--teacher-batch-size must be at least 1, not 0."),
         (["--teacher-retries", "-1"], "--teacher-retries must be at least 0, not -1."),
         (["--teacher-backoff", "-1"], "--teacher-backoff must be at least 0, not -1.0."),
+        (["--teacher-cooldown", "-1"], "--teacher-cooldown must be at least 0, not -1.0."),
         (["--teacher-timeout", "0"], "--teacher-timeout must be > 0, not 0.0."),
     ],
     "vlm_car_reward.py": [
