@@ -321,7 +321,8 @@ SUBTASK_PROMPT = (
     "Break the task into the sub-tasks the agent completes, in order, each one visible in a single image of the grid. "
     "Answer with a numbered list, one short sub-task per line (at most {max_subtasks}), and nothing else."
 )
-NUMBERED = re.compile(r"^\s*(?:step\s*)?\d{1,2}\s*[.):]\s*(.*\S)\s*$", re.IGNORECASE | re.MULTILINE)
+# [^\S\n]* (spaces, not newlines) before the number: \s* there made a reply of blank lines cost quadratic time
+NUMBERED = re.compile(r"^[^\S\n]*(?:step\s*)?\d{1,2}\s*[.):]\s*(.*\S)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 class NoPrograms(Exception):

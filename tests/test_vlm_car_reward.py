@@ -147,6 +147,16 @@ def test_extract_code(reply, expected):
     assert car.extract_code(reply) == expected
 
 
+def test_reply_readers_take_bounded_time_on_long_replies():
+    # once 30 s: a `def check` that never parses below 250 constants, every pair of start and end lines tried
+    unparsable = [f"x{i} = {i}" for i in range(250)] + ["def check(frame):", "    return (frame"] + ["    + 1"] * 248
+    # once 26 s: a line-start \s* that ran over every following blank line
+    blank = "\n" * 2**15
+    start = time.monotonic()
+    assert car.extract_code("\n".join(unparsable)) is None and car.parse_subtasks(blank) == []
+    assert time.monotonic() - start < 2
+
+
 def test_parse_subtasks():
     reply = "Sub-tasks:\n1. **Pick up the key**\n2) open the door\n3: go to the goal\nThat is all."
     assert car.parse_subtasks(reply) == ["Pick up the key", "open the door", "go to the goal"]
