@@ -11,8 +11,12 @@ sample of every minibatch of every epoch, no cache, as in the reference code); t
 `teacher/queries`. Goal: at least 4x fewer queries.
 
 Success: the teacher's distribution for each frame (text_envs.expert_action, replaced by a random action with
-probability --noise, softened by the script's default temperature) is the policy, its most likely action taken.
-The paper's Gemini teacher succeeds about 96% of the time; --noise is chosen to match.
+probability --noise, softened by the script's default temperature) is the policy. Three teachers are measured:
+"fresh", a new noisy label at every step, its most likely action taken; and the teacher as the student sees it,
+whose label of each frame is drawn once and then kept (the script's cache keys frames by frame_key and never asks
+again), acting greedily ("fixed greedy") or sampling its distribution ("fixed sampled"). The fixed teachers are
+averaged over --teacher-draws draws of the labels, each playing --episodes episodes. The paper's Gemini teacher
+succeeds about 96% of the time.
 """
 
 import argparse
@@ -67,19 +71,31 @@ def teacher_queries(env_id: str, query_mode: str, total_timesteps: int, seed: in
 
 
 def teacher_success(
-    env_id: str, noise: float, episodes: int, seed: int = 0, temperature: float = lvlm2p.Args.teacher_temperature
+    env_id: str,
+    noise: float,
+    episodes: int,
+    seed: int = 0,
+    temperature: float = lvlm2p.Args.teacher_temperature,
+    mode: str = "fresh",
 ) -> tuple[float, float]:
-    """(success rate, mean return) of the scripted teacher acting greedily on its own distributions."""
-    env = text_envs.make_env(env_id, seed=seed, with_image=False)
+    """(success rate, mean return) of the scripted teacher acting on its own distributions: "fresh" (a new label per
+    step, greedy), "fixed greedy" or "fixed sampled" (one label per frame, kept, as the student's cache keeps it)."""
+    env = text_envs.make_env(env_id, seed=seed, image_size=32)
     n_actions = env.action_space.n
     teacher = teachers.ExpertTeacher(n_actions, temperature, noise, seed)
+    rng = np.random.default_rng(seed + 1)
+    labels: dict[bytes, np.ndarray] = {}  # the fixed teachers' label of each frame
     successes, returns = [], []
     for episode in range(episodes):
-        env.reset(seed=seed + episode)
+        obs, _ = env.reset(seed=seed + episode)
         done, total = False, 0.0
         while not done:
-            (probs,) = teacher([teachers.Frame(np.zeros(0, np.uint8), "", text_envs.expert_action(env))])
-            _, reward, terminated, truncated, info = env.step(int(np.argmax(probs)))
+            key = lvlm2p.frame_key(obs["image"], obs["mission"])
+            if mode == "fresh" or key not in labels:
+                (labels[key],) = teacher([teachers.Frame(obs["image"], obs["mission"], text_envs.expert_action(env))])
+            probs = labels[key]
+            action = int(rng.choice(n_actions, p=probs)) if mode == "fixed sampled" else int(np.argmax(probs))
+            obs, reward, terminated, truncated, info = env.step(action)
             total += reward
             done = terminated or truncated
         successes.append(info["success"])
@@ -94,13 +110,20 @@ if __name__ == "__main__":
     parser.add_argument("--success", action="store_true", help="measure the scripted teacher's success rate instead")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2])
     parser.add_argument("--episodes", type=int, default=500, help="episodes per success-rate measurement")
+    parser.add_argument("--teacher-draws", type=int, default=5, help="draws of the fixed teachers' labels")
     args = parser.parse_args()
     if args.success:
-        print(f"{'env':<10}{'noise':>7}{'success':>9}{'return':>8}")
+        modes = ["fresh", "fixed greedy", "fixed sampled"]
+        print(f"{'env':<10}{'noise':>7}" + "".join(f"{mode + ' success':>22}{'return':>8}" for mode in modes))
         for env_id in args.env_ids:
             for noise in args.noise:
-                success, mean_return = teacher_success(env_id, noise, args.episodes)
-                print(f"{env_id:<10}{noise:>7.2f}{success:>9.3f}{mean_return:>8.3f}", flush=True)
+                row = [teacher_success(env_id, noise, args.episodes)]
+                for mode in modes[1:]:
+                    draws = [
+                        teacher_success(env_id, noise, args.episodes, s, mode=mode) for s in range(args.teacher_draws)
+                    ]
+                    row.append(tuple(np.mean(draws, axis=0)))
+                print(f"{env_id:<10}{noise:>7.2f}" + "".join(f"{s:>22.3f}{r:>8.3f}" for s, r in row), flush=True)
     else:
         print(f"{'env':<10}{'steps':>7}{'cached':>8}{'per step':>9}{'reference':>10}{'per step':>9}{'fewer':>7}")
         for env_id in args.env_ids:
