@@ -123,7 +123,7 @@ if __name__ == "__main__":
                         teacher_success(env_id, noise, args.episodes, s, mode=mode) for s in range(args.teacher_draws)
                     ]
                     row.append(tuple(np.mean(draws, axis=0)))
-                print(f"{env_id:<10}{noise:>7.2f}" + "".join(f"{s:>22.3f}{r:>8.3f}" for s, r in row), flush=True)
+                print(f"{env_id:<10}{noise:>7.3f}" + "".join(f"{s:>22.3f}{r:>8.3f}" for s, r in row), flush=True)
     else:
         print(f"{'env':<10}{'steps':>7}{'cached':>8}{'per step':>9}{'reference':>10}{'per step':>9}{'fewer':>7}")
         for env_id in args.env_ids:
