@@ -481,6 +481,7 @@ def distill_loss(
 def check_args(args: Args) -> list[str]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the action words."""
     at_least = {
+        "--learning-rate": (args.learning_rate, 0),  # 0: a frozen policy, for measurements
         "--seed": (args.seed, 0),
         "--teacher-image-size": (args.teacher_image_size, 1),
         "--teacher-max-new-tokens": (args.teacher_max_new_tokens, 1),
@@ -499,7 +500,6 @@ def check_args(args: Args) -> list[str]:
     }
     positive = {
         "--teacher-timeout": args.teacher_timeout,
-        "--learning-rate": args.learning_rate,
         "--clip-coef": args.clip_coef,
         "--max-grad-norm": args.max_grad_norm,
         "--target-kl": args.target_kl,  # None: no early stop

@@ -682,6 +682,7 @@ def compute_gae(
 def check_args(args: Args, world: int = 1) -> None:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
     at_least = {
+        "--learning-rate": (args.learning_rate, 0),  # 0: a frozen policy, for measurements
         "--seed": (args.seed, 0),
         "--sample-every": (args.sample_every, 0),
         "--lora-r": (args.lora_r, 1),
@@ -699,7 +700,6 @@ def check_args(args: Args, world: int = 1) -> None:
     }
     positive = {
         "--temperature": args.temperature,  # the policy's log-probs are taken at the sampling temperature
-        "--learning-rate": args.learning_rate,
         "--clip-coef": args.clip_coef,
         "--max-grad-norm": args.max_grad_norm,
     }

@@ -638,6 +638,7 @@ def compute_gae(
 def check_args(args: Args, world: int = 1) -> None:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit."""
     at_least = {
+        "--learning-rate": (args.learning_rate, 0),  # 0: a frozen policy, for measurements
         "--seed": (args.seed, 0),
         "--env-seeds": (min(args.env_seeds or [0]), 0),
         "--eval-seeds": (min(args.eval_seeds or [0]), 0),
@@ -655,7 +656,6 @@ def check_args(args: Args, world: int = 1) -> None:
         "--checkpoint-freq": (args.checkpoint_freq, 0),
     }
     positive = {
-        "--learning-rate": args.learning_rate,
         "--clip-coef": args.clip_coef,
         "--max-grad-norm": args.max_grad_norm,
         "--target-kl": args.target_kl,  # None: no early stop

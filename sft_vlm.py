@@ -120,6 +120,7 @@ class Args:
 def check_args(args: Args) -> None:
     """Turn flags that do not fit together into one sentence and a non-zero exit (SystemExit: no traceback)."""
     at_least = {
+        "--learning-rate": (args.learning_rate, 0),  # 0: a frozen policy, for measurements
         "--seed": (args.seed, 0),
         "--lora-r": (args.lora_r, 0),  # 0: full fine-tuning
         "--lora-alpha": (args.lora_alpha, 1),
@@ -132,7 +133,6 @@ def check_args(args: Args) -> None:
         "--max-new-tokens": (args.max_new_tokens, 1),
     }
     positive = {
-        "--learning-rate": args.learning_rate,
         "--max-grad-norm": args.max_grad_norm,
         "--temperature": args.temperature,
     }

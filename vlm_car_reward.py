@@ -676,6 +676,7 @@ def grid_size(env_id: str) -> tuple[int, int]:
 def check_args(args: Args) -> tuple[int, int]:
     """Turn the mistakes a user can make on the command line into one sentence and a non-zero exit; the grid size."""
     at_least = {
+        "--learning-rate": (args.learning_rate, 0),  # 0: a frozen policy, for measurements
         "--seed": (args.seed, 0),
         "--coder-retries": (args.coder_retries, 0),
         "--coder-backoff": (args.coder_backoff, 0),
@@ -698,7 +699,6 @@ def check_args(args: Args) -> tuple[int, int]:
     positive = {
         "--coder-timeout": args.coder_timeout,
         "--checker-timeout": args.checker_timeout,
-        "--learning-rate": args.learning_rate,
         "--clip-coef": args.clip_coef,
         "--max-grad-norm": args.max_grad_norm,
         "--target-kl": args.target_kl,  # None: no early stop
