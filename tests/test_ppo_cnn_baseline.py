@@ -142,13 +142,13 @@ def test_killed_run_resumes_where_it_stopped(full_run, tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     (checkpoint,) = tmp_path.glob("runs/*/checkpoint.pt")
-    stopped_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    stopped_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 0 < stopped_at < 1024
 
     done = run_script(tmp_path, *RESUMABLE, "--resume", str(checkpoint))
     assert done.returncode == 0, done.stderr
     assert f"global_step={stopped_at}" in done.stdout.splitlines()[0]
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 1024
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1024
     assert scalars(run_dir(tmp_path))["charts/SPS"][-1][0] == 1024
 
     (model_path,) = run_dir(tmp_path).glob("*.cleanrl_model")

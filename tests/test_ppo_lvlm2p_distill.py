@@ -483,7 +483,7 @@ def test_resumed_run_ends_where_the_full_run_does(tmp_path, monkeypatch):
     (tmp_path / "part").mkdir()
     run_script(monkeypatch, tmp_path / "part", *flags, "--total-timesteps", "64")
     (checkpoint,) = (tmp_path / "part").glob("runs/*/checkpoint.pt")
-    assert len(torch.load(checkpoint, weights_only=False)["teacher_cache"]) > 0
+    assert len(torch.load(checkpoint, weights_only=True)["teacher_cache"]) > 0
     run_script(monkeypatch, tmp_path / "part", *flags, "--total-timesteps", "128", "--resume", str(checkpoint))
     full, part = scalars(tmp_path / "full"), scalars(tmp_path / "part")
     assert part["teacher/queries"] == full["teacher/queries"]  # the cache came back: no frame asked twice

@@ -540,7 +540,7 @@ def test_killed_run_resumes_where_it_stopped(full_run, tmp_path, monkeypatch, ca
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     (checkpoint,) = tmp_path.glob("runs/*/checkpoint.pt")
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = torch.load(checkpoint, weights_only=True)
     stopped_at = saved["global_step"]
     assert 0 < stopped_at < 1024 and len(saved["programs"]) == 3 and saved["subtask_progress"].shape == (2,)
 
@@ -551,8 +551,8 @@ def test_killed_run_resumes_where_it_stopped(full_run, tmp_path, monkeypatch, ca
     assert f"global_step={stopped_at}" in out.splitlines()[1] and "the checkpoint's programs" in out.splitlines()[0]
     assert "iteration 8/8 global_step=1024" in out and "eval greedy:" in out
     resumed, full = (
-        torch.load(checkpoint, weights_only=False),
-        torch.load(full_run / "checkpoint.pt", weights_only=False),
+        torch.load(checkpoint, weights_only=True),
+        torch.load(full_run / "checkpoint.pt", weights_only=True),
     )
     assert resumed["global_step"] == 1024
     # envs, sub-task progress and RNGs come back from the checkpoint: the resumed run ends where the full one does
@@ -596,7 +596,7 @@ def test_resume_of_another_checkpoint_is_one_sentence(content, argv, expected, f
 
 
 def test_resume_checks_the_checkpoints_programs_again(full_run, tmp_path, monkeypatch):
-    saved = torch.load(full_run / "checkpoint.pt", weights_only=False)
+    saved = torch.load(full_run / "checkpoint.pt", weights_only=True)
     saved["programs"][1] = "import os\ndef check(frame):\n    return os.system('touch pwned') == 0\n"
     torch.save(saved, tmp_path / "tampered.pt")
     message = exit_message(SCRIPT, monkeypatch, tmp_path, *RESUMABLE, "--resume", str(tmp_path / "tampered.pt"))
