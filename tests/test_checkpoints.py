@@ -72,8 +72,10 @@ def test_a_checkpoint_with_pickled_code_is_refused_before_it_runs(tmp_path: Path
         (lambda c: c["args"].pop("env_id"), "args.env_id"),
     ],
 )
-def test_a_checkpoint_with_the_wrong_layout_is_one_sentence(tmp_path: Path, monkeypatch, damage, missing) -> None:
-    checkpoint = cnn_checkpoint(tmp_path, monkeypatch)
+def test_a_checkpoint_with_the_wrong_layout_is_one_sentence(
+    cnn_checkpoint_path: Path, tmp_path: Path, monkeypatch, damage, missing
+) -> None:
+    checkpoint = torch.load(cnn_checkpoint_path, weights_only=True)
     damage(checkpoint)
     torch.save(checkpoint, tmp_path / "damaged.pt")
     message = exit_message(CNN_SCRIPT, monkeypatch, tmp_path, *CNN_RUN, "--resume", str(tmp_path / "damaged.pt"))
@@ -91,8 +93,10 @@ def test_a_checkpoint_with_the_wrong_layout_is_one_sentence(tmp_path: Path, monk
         lambda c: c["agent"].popitem(),
     ],
 )
-def test_a_checkpoint_whose_state_cannot_be_restored_is_one_sentence(tmp_path: Path, monkeypatch, damage) -> None:
-    checkpoint = cnn_checkpoint(tmp_path, monkeypatch)
+def test_a_checkpoint_whose_state_cannot_be_restored_is_one_sentence(
+    cnn_checkpoint_path: Path, tmp_path: Path, monkeypatch, damage
+) -> None:
+    checkpoint = torch.load(cnn_checkpoint_path, weights_only=True)
     damage(checkpoint)
     torch.save(checkpoint, tmp_path / "damaged.pt")
     message = exit_message(CNN_SCRIPT, monkeypatch, tmp_path, *CNN_RUN, "--resume", str(tmp_path / "damaged.pt"))
@@ -100,20 +104,16 @@ def test_a_checkpoint_whose_state_cannot_be_restored_is_one_sentence(tmp_path: P
     assert message.endswith(" while restoring it): resume from another.")
 
 
-_CNN_CHECKPOINT: dict = {}
+@pytest.fixture(scope="module")
+def cnn_checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint of one short ppo_cnn_baseline run."""
+    from script_helpers import run_as_main
 
-
-def cnn_checkpoint(tmp_path: Path, monkeypatch) -> dict:
-    """A fresh copy of the checkpoint of one short ppo_cnn_baseline run (made once per session)."""
-    if not _CNN_CHECKPOINT:
-        from script_helpers import run_as_main
-
-        workdir = tmp_path / "made"
-        workdir.mkdir()
+    workdir = tmp_path_factory.mktemp("cnn")
+    with pytest.MonkeyPatch.context() as monkeypatch:
         run_as_main(CNN_SCRIPT, monkeypatch, workdir, *CNN_RUN, "--total-timesteps", "64", "--checkpoint-freq", "1")
-        (path,) = workdir.glob("runs/*/checkpoint.pt")
-        _CNN_CHECKPOINT["path"] = path
-    return torch.load(_CNN_CHECKPOINT["path"], weights_only=True)
+    (path,) = workdir.glob("runs/*/checkpoint.pt")
+    return path
 
 
 # --- the VLM scripts: a checkpoint is a folder (LoRA adapter + trainer_state.pt) -------------------------------------
