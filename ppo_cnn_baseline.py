@@ -1,12 +1,17 @@
-# PPO with a small CNN that starts from nothing: the tabula-rasa baseline of the VLM papers (their "CNN-Agent").
-# CleanRL's ppo.py, plus: truncated episodes are bootstrapped with V(final obs) instead of being treated as
-# terminal (CleanRL issue #198), Gymnasium 1.x vector envs reset in the same step (no transition crosses an
-# episode boundary, CleanRL issue #499), checkpoints with --resume, and an evaluation of the saved model.
-# Needs: text_envs.py
+"""PPO with a small CNN that starts from nothing: the tabula-rasa baseline of the VLM papers (their "CNN-Agent").
+
+CleanRL's ppo.py, plus: truncated episodes are bootstrapped with V(final obs) instead of being treated as terminal
+(CleanRL issue #198), Gymnasium 1.x vector envs reset in the same step (no transition crosses an episode boundary,
+CleanRL issue #499), checkpoints with --resume (Ctrl-C saves one), and an evaluation of the saved model.
+Needs: text_envs.py
+"""
+
 import importlib.util
 import operator
 import os
 import random
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +25,7 @@ import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 import text_envs
 
@@ -49,11 +55,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    """cuDNN picks deterministic algorithms (--no-torch-deterministic: faster, not bit-reproducible)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when there is one (--no-cuda: on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track this experiment with Weights and Biases"""
     wandb_project_name: str = "vlm-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
@@ -114,12 +120,12 @@ class Args:
     target_kl: float | None = None
     """the target KL divergence threshold"""
 
-    # to be filled in runtime
-    batch_size: int = 0
+    # computed from the flags above at start-up (hidden from --help)
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 
@@ -339,6 +345,21 @@ def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
         os.close(directory)
 
 
+class Interrupt:
+    """Ctrl-C during training sets `requested`, and the run stops at its next safe point with a checkpoint; a second
+    Ctrl-C, or one before training starts, stops at once with nothing saved."""
+
+    def __init__(self) -> None:
+        self.requested, self.training = False, False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested or not self.training:
+            print("\nstopped by Ctrl-C, nothing saved", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+
+
 def rng_states() -> dict[str, Any]:
     """The RNG states of Python, NumPy and torch, as tensors and plain numbers (so checkpoints load without pickle)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -433,7 +454,8 @@ def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.de
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    interrupt = Interrupt()
     args.num_envs = len(args.env_seeds) if args.env_seeds else args.num_envs
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))  # check_args refuses 0 in a sentence
@@ -509,6 +531,8 @@ if __name__ == "__main__":
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         next_done = torch.zeros(args.num_envs).to(device)
     start_time, start_step = time.time(), global_step
+    progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step", mininterval=1)
+    interrupt.training = True
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -551,6 +575,7 @@ if __name__ == "__main__":
                 episode_successes.append(bool(infos["final_info"]["success"][i]))
                 writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
                 writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+            progress.update(args.num_envs)
 
         # bootstrap value if not done
         with torch.no_grad():
@@ -643,13 +668,13 @@ if __name__ == "__main__":
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
         else:
             report = "no episode ended"
-        print(
+        progress.write(
             f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-            f"ETA={eta / 60:.0f}min {report}",
-            flush=True,
+            f"ETA={eta / 60:.0f}min {report}"
         )
 
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+        last = iteration == args.num_iterations
+        if interrupt.requested or args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or last):
             save_checkpoint(
                 f"runs/{run_name}/checkpoint.pt",
                 {
@@ -666,6 +691,12 @@ if __name__ == "__main__":
                     "rng": rng_states(),
                 },
             )
+        if interrupt.requested:  # Ctrl-C: the checkpoint of this iteration's end is saved, the run can go on from it
+            progress.close()
+            print(f"stopped by Ctrl-C at global_step={global_step}: --resume runs/{run_name}/checkpoint.pt goes on")
+            sys.exit(130)
+    progress.close()
+    interrupt.training = False
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"

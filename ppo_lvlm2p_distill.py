@@ -1,20 +1,26 @@
-# LVLM2P (Lee et al. 2025, papers/lvlm2p_lee2025.txt): a small student trained with PPO or A2C plus
-# lambda * KL(p_teacher || pi_student), where the teacher is a vision-language model that looks at the rendered frame
-# (eq. 1, Algorithm 1). This is ppo_cnn_baseline.py with: the student on the "state" observation while the frame and
-# the mission go to the teacher; the teacher's distributions for a rollout's frames labelled in batches before the
-# update epochs, each distinct frame queried once (a cache across epochs and rollouts: the reference code queried
-# every sample of every minibatch in every epoch); the KL term in the loss; and --algo a2c. The teacher is a local
-# VLM (`hf:`), any OpenAI-compatible server (`openai:`), or the scripted expert of text_envs (`expert`), which is
-# for offline experiments and ablations: its results are a scripted teacher's, not a VLM's. The method is here: the
-# two-stage prompt and the parser of its replies (Fig. 2), the labelling (Algorithm 1) and the KL term (eq. 1);
-# lvlm2p_teachers.py is plumbing (model loading, chat formats, HTTP), handed the prompts and the parser.
-# Needs: text_envs.py, lvlm2p_teachers.py
+"""LVLM2P: a small student trained with PPO or A2C plus lambda * KL(p_teacher || pi_student), the teacher a VLM.
+
+Lee et al. 2025, "Sample Efficient Reinforcement Learning via Large Vision Language Model Distillation" (code:
+https://github.com/i22024/LVLM2P). The teacher is a vision-language model that looks at the rendered frame (eq. 1,
+Algorithm 1). This is ppo_cnn_baseline.py with: the student on the "state" observation while the frame and the mission
+go to the teacher; the teacher's distributions for a rollout's frames labelled in batches before the update epochs, each
+distinct frame queried once (a cache across epochs and rollouts: the reference code queried every sample of every
+minibatch in every epoch); the KL term in the loss; and --algo a2c. The teacher is a local VLM (`hf:`), any OpenAI-
+compatible server (`openai:`), or the scripted expert of text_envs (`expert`), which is for offline experiments and
+ablations: its results are a scripted teacher's, not a VLM's. The method is here: the two-stage prompt and the parser of
+its replies (Fig. 2), the labelling (Algorithm 1) and the KL term (eq. 1); lvlm2p_teachers.py is plumbing (model
+loading, chat formats, HTTP), handed the prompts and the parser.
+Needs: text_envs.py, lvlm2p_teachers.py
+"""
+
 import functools
 import hashlib
 import importlib.util
 import os
 import random
 import re
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +35,7 @@ import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 import text_envs
 from lvlm2p_teachers import (
@@ -71,11 +78,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    """cuDNN picks deterministic algorithms (--no-torch-deterministic: faster, not bit-reproducible)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when there is one (--no-cuda: on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track this experiment with Weights and Biases"""
     wandb_project_name: str = "vlm-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
@@ -171,12 +178,12 @@ class Args:
     target_kl: float | None = None
     """the target KL divergence threshold (ppo)"""
 
-    # to be filled in runtime
-    batch_size: int = 0
+    # computed from the flags above at start-up (hidden from --help)
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 
@@ -581,6 +588,21 @@ def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
         os.close(directory)
 
 
+class Interrupt:
+    """Ctrl-C during training sets `requested`, and the run stops at its next safe point with a checkpoint; a second
+    Ctrl-C, or one before training starts, stops at once with nothing saved."""
+
+    def __init__(self) -> None:
+        self.requested, self.training = False, False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested or not self.training:
+            print("\nstopped by Ctrl-C, nothing saved", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+
+
 def rng_states() -> dict[str, Any]:
     """The RNG states of Python, NumPy and torch, as tensors and plain numbers (so checkpoints load without pickle)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -675,7 +697,8 @@ def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.de
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    interrupt = Interrupt()
     if args.num_steps is None:  # rl-starter-files' (and the reference code's) defaults
         args.num_steps = 128 if args.algo == "ppo" else 5
     if args.algo == "a2c":  # one update on the whole rollout
@@ -792,6 +815,8 @@ if __name__ == "__main__":
         next_obs = torch.as_tensor(next_obs_dict["state"], dtype=torch.float32, device=device)
         next_done = torch.zeros(args.num_envs).to(device)
     start_time, start_step = time.time(), global_step
+    progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step", mininterval=1)
+    interrupt.training = True
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -837,6 +862,7 @@ if __name__ == "__main__":
                 episode_successes.append(bool(infos["final_info"]["success"][i]))
                 writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
                 writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+            progress.update(args.num_envs)
 
         # bootstrap value if not done
         with torch.no_grad():
@@ -970,13 +996,13 @@ if __name__ == "__main__":
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
         else:
             report = "no episode ended"
-        print(
+        progress.write(
             f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-            f"ETA={eta / 60:.0f}min {report}{teacher_report}",
-            flush=True,
+            f"ETA={eta / 60:.0f}min {report}{teacher_report}"
         )
 
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+        last = iteration == args.num_iterations
+        if interrupt.requested or args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or last):
             save_checkpoint(
                 f"runs/{run_name}/checkpoint.pt",
                 {
@@ -1001,6 +1027,12 @@ if __name__ == "__main__":
                     "rng": {**rng_states(), "teacher": teacher.rng.bit_generator.state if use_expert else None},
                 },
             )
+        if interrupt.requested:  # Ctrl-C: the checkpoint of this iteration's end is saved, the run can go on from it
+            progress.close()
+            print(f"stopped by Ctrl-C at global_step={global_step}: --resume runs/{run_name}/checkpoint.pt goes on")
+            sys.exit(130)
+    progress.close()
+    interrupt.training = False
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"

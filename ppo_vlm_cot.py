@@ -1,7 +1,7 @@
 """PPO on a vision-language model's own chain of thought, ending in a JSON action (RL4VLM).
 
 Paper: Zhai et al. 2024, "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via
-Reinforcement Learning" (papers/rl4vlm_zhai2024_project_page.txt). The VLM reads the image and a
+Reinforcement Learning" (NeurIPS 2024, https://openreview.net/forum?id=nBjmMF2IZU). The VLM reads the image and a
 task prompt v_in and writes {"thoughts": ..., "action": "..."}. The value of the last "action" key
 is the action, a uniformly random legal action when it names none (eq. 1, the page's f(v_out)). PPO
 trains the VLM with log pi(a | o, v_in) = lambda * log p(thought tokens) + log p(action tokens)
@@ -104,11 +104,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    """cuDNN picks deterministic algorithms (--no-torch-deterministic: faster, not bit-reproducible)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when there is one (--no-cuda: on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track this experiment with Weights and Biases"""
     wandb_project_name: str = "vlm-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
@@ -182,10 +182,10 @@ class Args:
     gradient_accumulation_steps: int = 128
     """mini-batches whose gradients are summed before each optimizer step"""
 
-    # to be filled in runtime
-    batch_size: int = 0
+    # computed from the flags above at start-up (hidden from --help)
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size per process (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 

@@ -1,7 +1,7 @@
 """PPO where a vision-language model is the policy, each action scored by its likelihood (Idefics-Agent).
 
 Paper: Bonetta et al. 2024, "Vision Language Models as Policy Learners in Reinforcement Learning
-Environments" (papers/vlm_policy_learners_bonetta2024.txt). For a state s the VLM reads the state
+Environments". For a state s the VLM reads the state
 prompt P (a template filled with the description, plus the image) followed by the action prompt Q_i
 of each action a_i; score_i is the mean log-likelihood of Q_i's tokens (eq. 1) and
 pi(a_i | s) = softmax_i(score_i). A value head on the last state-prompt token gives V(s). Only the
@@ -109,11 +109,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    """cuDNN picks deterministic algorithms (--no-torch-deterministic: faster, not bit-reproducible)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when there is one (--no-cuda: on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track this experiment with Weights and Biases"""
     wandb_project_name: str = "vlm-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
@@ -197,12 +197,12 @@ class Args:
     random_policy: bool = False
     """evaluate a uniformly random policy instead of the VLM (needs --total-timesteps 0 and --eval-episodes N)"""
 
-    # to be filled in runtime
-    batch_size: int = 0
+    # computed from the flags above at start-up (hidden from --help)
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size per process (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 

@@ -53,11 +53,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    """cuDNN picks deterministic algorithms (--no-torch-deterministic: faster, not bit-reproducible)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when there is one (--no-cuda: on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track this experiment with Weights and Biases"""
     wandb_project_name: str = "vlm-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None

@@ -1,21 +1,26 @@
-# Code as Reward (VLM-CaR, Venuto et al. 2024, papers/vlm_car_venuto2024_abstract.txt): a vision-language model
-# (the "coder") breaks the task into sub-tasks (stage 1) and writes, for each one, a program `check(frame) -> bool`
-# that says from one observation whether the sub-task is done (stage 2). The programs are verified on expert and
-# random trajectories and regenerated with the failure report until they pass (stage 3); then PPO trains on the env
-# reward plus a bonus for each sub-task the first time it completes, in order, within an episode (stage 4). The VLM
-# runs only before training: every reward afterwards costs a program call, not a VLM query. This is
-# ppo_cnn_baseline.py on the "state" observation, with its checkpoints and its evaluation of the saved model, plus the
-# four stages after compute_gae: the prompts, the readers of the coder's replies, the verification and the reward
-# rule. The rest is plumbing: car_coders.py loads the coder (a local VLM) or talks to it (an OpenAI-compatible
-# server); car_sandbox.py checks generated code at load against allowlists, runs it in a worker process confined by
-# a seccomp filter and OS limits (it is hostile input), and saves and reads back the accepted programs.
-# Needs: text_envs.py, car_coders.py, car_sandbox.py
+"""Code as Reward (VLM-CaR): a VLM writes sub-task checking code, verified on trajectories and used as dense reward.
+
+Venuto et al. 2024, "Code as Reward: Empowering Reinforcement Learning with VLMs" (ICML 2024,
+https://proceedings.mlr.press/v235/venuto24a.html). A vision-language model (the "coder") breaks the task into sub-tasks
+(stage 1) and writes, for each one, a program `check(frame) -> bool` that says from one observation whether the sub-task
+is done (stage 2). The programs are verified on expert and random trajectories and regenerated with the failure report
+until they pass (stage 3); then PPO trains on the env reward plus a bonus for each sub-task the first time it completes,
+in order, within an episode (stage 4). The VLM runs only before training: every reward afterwards costs a program call,
+not a VLM query. This is ppo_cnn_baseline.py on the "state" observation, with its checkpoints and its evaluation of the
+saved model, plus the four stages after compute_gae: the prompts, the readers of the coder's replies, the verification
+and the reward rule. The rest is plumbing: car_coders.py loads the coder (a local VLM) or talks to it (an OpenAI-
+compatible server); car_sandbox.py checks generated code at load against allowlists, runs it in a worker process
+confined by a seccomp filter and OS limits (it is hostile input), and saves and reads back the accepted programs.
+Needs: text_envs.py, car_coders.py, car_sandbox.py
+"""
+
 import ast
 import importlib.util
 import operator
 import os
 import random
 import re
+import signal
 import sys
 import time
 import zlib
@@ -33,6 +38,7 @@ from minigrid.core.constants import COLOR_TO_IDX, COLORS, OBJECT_TO_IDX
 from minigrid.minigrid_env import MiniGridEnv
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 import text_envs
 from car_coders import DEFAULT_MODEL_ID, CoderUnavailable, HFCoder, OpenAICoder, load_coder_model
@@ -74,11 +80,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    """cuDNN picks deterministic algorithms (--no-torch-deterministic: faster, not bit-reproducible)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when there is one (--no-cuda: on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track this experiment with Weights and Biases"""
     wandb_project_name: str = "vlm-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
@@ -168,12 +174,12 @@ class Args:
     target_kl: float | None = None
     """the target KL divergence threshold"""
 
-    # to be filled in runtime
-    batch_size: int = 0
+    # computed from the flags above at start-up (hidden from --help)
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 
@@ -477,9 +483,9 @@ def read_program(reply: str) -> tuple[str, str, str | None]:
 # Stage 3: verification on expert and random trajectories, failing programs rewritten with the failure report
 # ---------------------------------------------------------------------------------------------------------------------
 VERIFY_SEED = 1_000_000  # verification layouts come from reset seeds far from the training seeds
-MAX_RANDOM_SHARE = 0.1  # SPEC §4: at most 10% of random trajectories may complete two or more sub-tasks
+MAX_RANDOM_SHARE = 0.1  # the paper's test: at most 10% of random trajectories may complete two or more sub-tasks
 # Random trajectories are cut at this many times the longest expert trajectory: whole random episodes of
-# DoorKey-8x8 (640 steps) open the door in ~15% of them, and SPEC's 10% test would refuse exact programs.
+# DoorKey-8x8 (640 steps) open the door in ~15% of them, and the paper's 10% test would refuse exact programs.
 RANDOM_LENGTH = 4
 
 
@@ -523,7 +529,7 @@ def verify(
     random_play: Sequence[np.ndarray],
     load_errors: Sequence[str | None],
 ) -> Verification:
-    """SPEC §4's test: every expert trajectory completes every sub-task in order, and at most 10% of random
+    """The paper's test: every expert trajectory completes every sub-task in order, and at most 10% of random
     trajectories complete two or more. Ours on top: no sub-task is complete in an episode's first frame (an
     always-true program next to good ones would otherwise pass)."""
     n = len(subtasks)
@@ -761,6 +767,21 @@ def save_checkpoint(path: str, checkpoint: dict[str, Any]) -> None:
         os.close(directory)
 
 
+class Interrupt:
+    """Ctrl-C during training sets `requested`, and the run stops at its next safe point with a checkpoint; a second
+    Ctrl-C, or one before training starts, stops at once with nothing saved."""
+
+    def __init__(self) -> None:
+        self.requested, self.training = False, False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested or not self.training:
+            print("\nstopped by Ctrl-C, nothing saved", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+
+
 def rng_states() -> dict[str, Any]:
     """The RNG states of Python, NumPy and torch, as tensors and plain numbers (so checkpoints load without pickle)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -852,7 +873,8 @@ def evaluate(model_path: str, eval_episodes: int, greedy: bool, device: torch.de
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    interrupt = Interrupt()
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))  # check_args refuses 0 in a sentence
     args.num_iterations = args.total_timesteps // max(args.batch_size, 1)
@@ -1015,6 +1037,8 @@ if __name__ == "__main__":
         next_obs = torch.as_tensor(next_obs[STATE], dtype=torch.float32, device=device)
         next_done = torch.zeros(args.num_envs).to(device)
     start_time, start_step = time.time(), global_step
+    progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step", mininterval=1)
+    interrupt.training = True
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -1068,6 +1092,7 @@ if __name__ == "__main__":
                 episode_successes.append(bool(infos["final_info"]["success"][i]))
                 writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
                 writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+            progress.update(args.num_envs)
 
         if dense is not None:  # the rollout's last step: env reward + a bonus per sub-task completed in order
             new, completed = dense.collect()
@@ -1175,15 +1200,15 @@ if __name__ == "__main__":
                 writer.add_scalar("reward/subtasks_completed", float(np.mean(episode_subtasks)), global_step)
                 report += f" subtasks_completed={np.mean(episode_subtasks):.2f}/{len(programs)}"
             if sandbox.messages:
-                print(f"checker errors so far: {sandbox.errors}, last: {sandbox.messages[-1]}", flush=True)
+                progress.write(f"checker errors so far: {sandbox.errors}, last: {sandbox.messages[-1]}")
                 sandbox.messages.clear()
-        print(
+        progress.write(
             f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-            f"ETA={eta / 60:.0f}min {report}",
-            flush=True,
+            f"ETA={eta / 60:.0f}min {report}"
         )
 
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+        last = iteration == args.num_iterations
+        if interrupt.requested or args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or last):
             save_checkpoint(
                 f"runs/{run_name}/checkpoint.pt",
                 {
@@ -1206,6 +1231,12 @@ if __name__ == "__main__":
                     "rng": rng_states(),
                 },
             )
+        if interrupt.requested:  # Ctrl-C: the checkpoint of this iteration's end is saved, the run can go on from it
+            progress.close()
+            print(f"stopped by Ctrl-C at global_step={global_step}: --resume runs/{run_name}/checkpoint.pt goes on")
+            sys.exit(130)
+    progress.close()
+    interrupt.training = False
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
