@@ -149,8 +149,9 @@ def tensorboard_episodes(run_dir: pathlib.Path) -> list[tuple[int, float]]:
     for path in sorted(run_dir.glob("events.out.tfevents.*")):
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
-                if value.tag == "charts/episodic_return":
-                    episodes.append((int(event.step), float(value.simple_value)))
+                if value.tag == "charts/episodic_return":  # torch's SummaryWriter writes a scalar tensor
+                    scalar = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
+                    episodes.append((int(event.step), float(scalar)))
     return sorted(episodes, key=lambda e: e[0])
 
 
