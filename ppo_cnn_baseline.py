@@ -92,7 +92,7 @@ class Args:
     num_envs: int = 4
     """the number of parallel game environments"""
     env_seeds: list[int] | None = None
-    """the envs' seeds (FrozenLake8x8: one map each), setting --num-envs; default: seed, seed + 1, ..."""
+    """the envs' seeds (FrozenLake8x8: one map each), setting --num-envs; unset: seed, seed + 1, ..."""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
@@ -668,10 +668,12 @@ if __name__ == "__main__":
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
         else:
             report = "no episode ended"
-        progress.write(
-            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-            f"ETA={eta / 60:.0f}min {report}"
-        )
+        with progress.external_write_mode():  # the bar steps aside for the line
+            print(
+                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                f"ETA={eta / 60:.0f}min {report}",
+                flush=True,
+            )
 
         last = iteration == args.num_iterations
         if interrupt.requested or args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or last):

@@ -1,15 +1,15 @@
 """LVLM2P: a small student trained with PPO or A2C plus lambda * KL(p_teacher || pi_student), the teacher a VLM.
 
-Lee et al. 2025, "Sample Efficient Reinforcement Learning via Large Vision Language Model Distillation" (code:
-https://github.com/i22024/LVLM2P). The teacher is a vision-language model that looks at the rendered frame (eq. 1,
-Algorithm 1). This is ppo_cnn_baseline.py with: the student on the "state" observation while the frame and the mission
-go to the teacher; the teacher's distributions for a rollout's frames labelled in batches before the update epochs, each
-distinct frame queried once (a cache across epochs and rollouts: the reference code queried every sample of every
-minibatch in every epoch); the KL term in the loss; and --algo a2c. The teacher is a local VLM (`hf:`), any OpenAI-
-compatible server (`openai:`), or the scripted expert of text_envs (`expert`), which is for offline experiments and
-ablations: its results are a scripted teacher's, not a VLM's. The method is here: the two-stage prompt and the parser of
-its replies (Fig. 2), the labelling (Algorithm 1) and the KL term (eq. 1); lvlm2p_teachers.py is plumbing (model
-loading, chat formats, HTTP), handed the prompts and the parser.
+Lee et al. 2025, "Sample Efficient Reinforcement Learning via Large Vision Language Model Distillation"
+(https://arxiv.org/abs/2505.11221, code: https://github.com/i22024/LVLM2P). The teacher is a vision-language model that
+looks at the rendered frame (eq. 1, Algorithm 1). This is ppo_cnn_baseline.py with: the student on the "state"
+observation while the frame and the mission go to the teacher; the teacher's distributions for a rollout's frames
+labelled in batches before the update epochs, each distinct frame queried once (a cache across epochs and rollouts: the
+reference code queried every sample of every minibatch in every epoch); the KL term in the loss; and --algo a2c. The
+teacher is a local VLM (`hf:`), any OpenAI- compatible server (`openai:`), or the scripted expert of text_envs
+(`expert`), which is for offline experiments and ablations: its results are a scripted teacher's, not a VLM's. The
+method is here: the two-stage prompt and the parser of its replies (Fig. 2), the labelling (Algorithm 1) and the KL term
+(eq. 1); lvlm2p_teachers.py is plumbing (model loading, chat formats, HTTP), handed the prompts and the parser.
 Needs: text_envs.py, lvlm2p_teachers.py
 """
 
@@ -47,6 +47,7 @@ from lvlm2p_teachers import (
     NoReply,
     OpenAITeacher,
     load_teacher_model,
+    resolve_model_source,
 )
 
 ALGORITHM = "ppo_lvlm2p_distill"
@@ -151,7 +152,7 @@ class Args:
     num_envs: int = 4
     """the number of parallel game environments"""
     num_steps: int | None = None
-    """the number of steps to run in each environment per policy rollout (default: 128 for ppo, 5 for a2c)"""
+    """the number of steps to run in each environment per policy rollout (unset: 128 for ppo, 5 for a2c)"""
     anneal_lr: bool = False
     """Toggle learning rate annealing for policy and value networks"""
     gamma: float = 0.99
@@ -709,6 +710,10 @@ if __name__ == "__main__":
     action_names = check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
+    if teacher_kind(args.teacher) == "hf" and args.distill_coef > 0:
+        source, _ = resolve_model_source(args.teacher.partition(":")[2])
+        if source != args.teacher.partition(":")[2]:  # the offline fallback: the run is named after the model it loads
+            args.teacher, args.exp_name = f"hf:{source}", f"{args.exp_name}-{Path(source).name}"
     # built before runs/ exists: a model that cannot load is bad input; lambda = 0 (RL alone) needs no teacher
     teacher = build_teacher(args, action_names, device) if args.distill_coef > 0 else None
     run_name = (
@@ -996,10 +1001,12 @@ if __name__ == "__main__":
             report = f"episodic_return={np.mean(episode_returns):.3f} success_rate={success_rate:.2f}"
         else:
             report = "no episode ended"
-        progress.write(
-            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-            f"ETA={eta / 60:.0f}min {report}{teacher_report}"
-        )
+        with progress.external_write_mode():  # the bar steps aside for the line
+            print(
+                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                f"ETA={eta / 60:.0f}min {report}{teacher_report}",
+                flush=True,
+            )
 
         last = iteration == args.num_iterations
         if interrupt.requested or args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or last):

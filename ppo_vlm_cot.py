@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -48,18 +49,9 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from huggingface_hub import try_to_load_from_cache
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    BitsAndBytesConfig,
-    GenerationConfig,
-    PreTrainedModel,
-)
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from tqdm import tqdm
 
 import text_envs
 
@@ -261,8 +253,18 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     )
 
 
-def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object]:
+def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[nn.Module, object]:
     """The frozen base model and its processor."""
+    # imported here, not at the top: --help and flag errors answer without loading transformers
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        BitsAndBytesConfig,
+        GenerationConfig,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
     source, offline = resolve_model_source(model_id)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=offline)
@@ -304,7 +306,7 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
     return model, processor
 
 
-def configure_image_processor(model: PreTrainedModel, processor: object, image_splitting: bool) -> None:
+def configure_image_processor(model: nn.Module, processor: object, image_splitting: bool) -> None:
     """One tile per frame unless `image_splitting`: env frames are small, and SmolVLM's own settings (longest edge
     2048, 512-px tiles) turn a 256-px frame into 17 tiles and 1088 image tokens. LLaVA-NeXT keeps the fewest tiles
     it takes (its base image and one crop); Qwen2-VL already scales its tokens to the frame's pixels."""
@@ -320,8 +322,10 @@ def configure_image_processor(model: PreTrainedModel, processor: object, image_s
         image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[crop["height"], crop["width"]]]
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) -> nn.Module:
+def add_lora(model: nn.Module, r: int, alpha: int, target_modules: str) -> nn.Module:
     """Freeze the base model and add LoRA adapters to the matching modules (the only VLM weights that train)."""
+    from peft import LoraConfig, get_peft_model  # with the model, not at the top: see load_base_model
+
     for param in model.parameters():
         param.requires_grad_(False)
     try:
@@ -471,6 +475,8 @@ def generate(
     """Sample one output per prompt (temperature 0: greedy), the whole batch at once with the KV cache:
     [B, max_new_tokens] ids and their mask, the raw next-token logits of each sampled position [B, T, V], and the
     last layer's state at the last prompt token."""
+    from transformers import GenerationConfig  # loaded with the model already (see load_base_model)
+
     tokenizer = processor.tokenizer
     ends = (
         model.generation_config.eos_token_id
@@ -753,6 +759,26 @@ def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer |
     shutil.rmtree(old, ignore_errors=True)
 
 
+class Interrupt:
+    """Ctrl-C during training sets `requested`, and the run stops at its next safe point with a checkpoint; a second
+    Ctrl-C, or one before training starts, stops at once with nothing saved."""
+
+    def __init__(self) -> None:
+        self.requested, self.training = False, False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested or not self.training:
+            print("\nstopped by Ctrl-C, nothing saved", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+
+    def check(self) -> None:
+        """At a safe point: stop here (KeyboardInterrupt) if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def resume_folder(path: Path) -> Path:
     """The newest complete checkpoint at `path`: a run killed while saving may have left it in path.tmp (newer than
     the others when complete) or path.old."""
@@ -830,13 +856,19 @@ def log_samples(writer: SummaryWriter, path: Path, records: list[dict], global_s
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    interrupt = Interrupt()
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     args.batch_size = int(args.num_envs * args.num_steps)
     args.num_iterations = args.total_timesteps // max(args.batch_size * world, 1)  # check_args refuses 0 envs
     check_args(args, world)
+    model_source, _ = resolve_model_source(args.model_id)
+    if model_source != args.model_id:  # the offline fallback: the run is named after the model it loads
+        args.model_id, args.exp_name = model_source, f"{args.exp_name}-{Path(model_source).name}"
     checkpoint = load_checkpoint(args.resume, args) if args.resume else None
+    import peft  # the flags are checked: now the heavy libraries (load_base_model imports transformers)
+
     run_name = (
         checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     )
@@ -885,7 +917,7 @@ if __name__ == "__main__":
     if checkpoint:
         try:
             adapter = load_file(Path(checkpoint["folder"]) / "adapter" / "adapter_model.safetensors")
-            if set_peft_model_state_dict(agent.model, adapter).unexpected_keys:
+            if peft.set_peft_model_state_dict(agent.model, adapter).unexpected_keys:
                 raise KeyError("the adapter does not fit this model")
             agent.value_head.load_state_dict(checkpoint["value_head"])
             if "optimizer" in checkpoint:  # a model saved by --save-model has none: Adam starts afresh
@@ -926,223 +958,270 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
+    progress = tqdm(
+        total=args.num_iterations * args.batch_size * world,
+        initial=global_step,
+        unit="step",
+        desc=Path(args.model_id).name,
+        mininterval=1,
+        disable=not accelerator.is_main_process,
+    )
+    interrupt.training = world == 1  # several processes stop together only at a --checkpoint-freq checkpoint
     next_obs, next_infos = envs.reset()
     next_texts, next_prompts, next_images = prompts_of(next_obs, next_infos)
     next_done = torch.zeros(args.num_envs).to(device)
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:  # cosine from --learning-rate down to END_LEARNING_RATE
-            frac = 0.5 * (1.0 + math.cos(math.pi * (iteration - 1.0) / args.num_iterations))
-            optimizer.param_groups[0]["lr"] = END_LEARNING_RATE + frac * (args.learning_rate - END_LEARNING_RATE)
-        finished = []  # (return, length, success) of this process's episodes in this rollout
-        n_invalid, thought_sum, action_sum = 0, 0.0, 0.0
-        rollout_start = time.time()
+    try:
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            if args.anneal_lr:  # cosine from --learning-rate down to END_LEARNING_RATE
+                frac = 0.5 * (1.0 + math.cos(math.pi * (iteration - 1.0) / args.num_iterations))
+                optimizer.param_groups[0]["lr"] = END_LEARNING_RATE + frac * (args.learning_rate - END_LEARNING_RATE)
+            finished = []  # (return, length, success) of this process's episodes in this rollout
+            iteration_start_step = global_step
+            progress.set_postfix_str("rollout")
+            n_invalid, thought_sum, action_sum = 0, 0.0, 0.0
+            rollout_start = time.time()
 
-        for step in range(0, args.num_steps):
-            global_step += args.num_envs * world
-            obs_prompts[step] = next_prompts
-            obs_images[step] = torch.from_numpy(next_images)
-            dones[step] = next_done
+            for step in range(0, args.num_steps):
+                global_step += args.num_envs * world
+                obs_prompts[step] = next_prompts
+                obs_images[step] = torch.from_numpy(next_images)
+                dones[step] = next_done
 
-            # ALGO LOGIC: action logic
+                # ALGO LOGIC: action logic
+                with torch.no_grad():
+                    output, output_texts, scored, value = agent.get_action_and_value(next_prompts, next_images)
+                    values[step] = value.flatten()
+                action, valid = env_actions(output_texts, action_names)
+                output_ids[step], output_masks[step], action_starts[step] = output
+                logprobs[step] = scored.log_prob
+                n_invalid += int((~valid).sum())
+                thought_sum, action_sum = (
+                    thought_sum + scored.thought.sum().item(),
+                    action_sum + scored.action.sum().item(),
+                )
+
+                # TRY NOT TO MODIFY: execute the game and log data.
+                next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
+                if (
+                    writer is not None
+                    and args.sample_every > 0
+                    and iteration % args.sample_every == 0
+                    and step == args.num_steps - 1
+                ):
+                    log_samples(
+                        writer,
+                        Path(f"runs/{run_name}/samples.jsonl"),
+                        [
+                            {
+                                "iteration": iteration,
+                                "global_step": global_step,
+                                "env": i,
+                                "prompt": next_texts[i],
+                                "output": output_texts[i],
+                                "action": action_names[action[i]],
+                                "valid": bool(valid[i]),
+                                "reward": float(reward[i]),
+                            }
+                            for i in range(args.num_envs)
+                        ],
+                        global_step,
+                    )
+                episode_return, episode_length = episode_return + reward, episode_length + 1
+                next_done_np = np.logical_or(terminations, truncations)
+                rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+                next_texts, next_prompts, next_images = prompts_of(next_obs, infos)
+                next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+
+                final_values[step] = 0.0
+                truncated = np.flatnonzero(
+                    truncations & ~terminations
+                )  # out of time, not done: the episode's value goes on
+                if len(truncated) > 0:
+                    final_obs = {
+                        k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission", "image")
+                    }
+                    final_infos = {k: v[truncated] for k, v in infos["final_info"].items() if k == "formula"}
+                    with torch.no_grad():
+                        final_values[step, truncated] = agent.get_value(
+                            *prompts_of(final_obs, final_infos)[1:]
+                        ).flatten()
+                for i in np.flatnonzero(next_done_np):
+                    success = bool(infos["final_info"]["success"][i])
+                    finished.append((float(episode_return[i]), int(episode_length[i]), success))
+                    if writer is not None:
+                        writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
+                        writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
+                    episode_return[i], episode_length[i] = 0.0, 0
+                progress.update(args.num_envs * world)
+                interrupt.check()
+            rollout_time, rollout_tokens = time.time() - rollout_start, int(output_masks.sum())
+
+            # bootstrap value if not done
             with torch.no_grad():
-                output, output_texts, scored, value = agent.get_action_and_value(next_prompts, next_images)
-                values[step] = value.flatten()
-            action, valid = env_actions(output_texts, action_names)
-            output_ids[step], output_masks[step], action_starts[step] = output
-            logprobs[step] = scored.log_prob
-            n_invalid += int((~valid).sum())
-            thought_sum, action_sum = thought_sum + scored.thought.sum().item(), action_sum + scored.action.sum().item()
+                next_value = agent.get_value(next_prompts, next_images).reshape(1, -1)
+                advantages, returns = compute_gae(
+                    rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
+                )
 
-            # TRY NOT TO MODIFY: execute the game and log data.
-            next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
+            # flatten the batch
+            b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
+            b_images = obs_images.reshape((-1,) + image_shape)
+            b_output = Output(
+                output_ids.reshape(-1, args.max_new_tokens),
+                output_masks.reshape(-1, args.max_new_tokens),
+                action_starts.reshape(-1),
+            )
+            b_logprobs = logprobs.reshape(-1)
+            b_advantages = advantages.reshape(-1)
+            b_returns = returns.reshape(-1)
+            b_values = values.reshape(-1)
             if (
-                writer is not None
-                and args.sample_every > 0
-                and iteration % args.sample_every == 0
-                and step == args.num_steps - 1
-            ):
-                log_samples(
-                    writer,
-                    Path(f"runs/{run_name}/samples.jsonl"),
-                    [
+                model.dtype != torch.float32
+            ):  # bf16: old log-probs from the update's forward pass, so the first ratio is 1
+                b_logprobs = rescore(agent, b_prompts, b_images, b_output, args.minibatch_size)
+            if args.norm_adv:  # over the whole batch, as the authors do: a minibatch of one sample has no spread
+                b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
+
+            # Optimizing the policy and value network
+            clipfracs = []
+            n_accumulated = 0  # minibatches whose gradients are summed so far
+            n_done, n_updates = 0, args.update_epochs * len(range(0, args.batch_size, args.minibatch_size))
+            for epoch in range(args.update_epochs):
+                b_inds = torch.randperm(args.batch_size).tolist()
+                for start in range(0, args.batch_size, args.minibatch_size):
+                    end = start + args.minibatch_size
+                    mb_inds = b_inds[start:end]
+                    mb_output = Output(
+                        *(x[mb_inds] for x in b_output)
+                    )  # the tokens sampled in the rollout, scored anew
+                    _, _, newscored, newvalue = agent.get_action_and_value(
+                        [b_prompts[i] for i in mb_inds], b_images[mb_inds].numpy(), mb_output
+                    )
+                    logratio = newscored.log_prob - b_logprobs[mb_inds]
+                    ratio = logratio.exp()
+
+                    with torch.no_grad():
+                        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                        old_approx_kl = (-logratio).mean()
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                    mb_advantages = b_advantages[mb_inds]
+
+                    # Policy loss
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                    # Value loss, clipped as in the authors' code
+                    newvalue = newvalue.view(-1)
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+
+                    entropy_loss = newscored.entropy.mean()  # logged only: the paper adds no entropy bonus
+                    loss = pg_loss + v_loss * args.vf_coef
+
+                    (loss / args.gradient_accumulation_steps).backward()
+                    n_accumulated += 1
+                    if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
+                        if world > 1:  # average the gradients over the processes, as DDP would
+                            grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                            for p, grad in zip(params, grads.split([p.numel() for p in params])):
+                                p.grad.copy_(grad.view_as(p))
+                        nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        n_accumulated = 0
+                    n_done += 1
+                    progress.set_postfix_str(f"update {n_done}/{n_updates}")
+                    interrupt.check()
+
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+            # all processes: finished episodes, their summed return, length and successes, invalid actions, log-probs,
+            # tokens
+            sums = [
+                len(finished),
+                *(map(sum, zip(*finished)) if finished else [0, 0, 0]),
+                n_invalid,
+                thought_sum,
+                action_sum,
+                rollout_tokens,
+            ]
+            totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum")
+            if accelerator.is_main_process:
+                n_samples = args.batch_size * world
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+                writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+                writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+                writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+                writer.add_scalar("losses/explained_variance", explained_var, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("cot/invalid_action_rate", totals[4] / n_samples, global_step)
+                writer.add_scalar("cot/thought_log_prob", totals[5] / n_samples, global_step)
+                writer.add_scalar("cot/action_log_prob", totals[6] / n_samples, global_step)
+                writer.add_scalar("cot/output_tokens", totals[7] / n_samples, global_step)
+                if totals[0] > 0:
+                    writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
+                    report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
+                else:
+                    report = "no episode ended"
+                with progress.external_write_mode():  # the bar steps aside for the line
+                    print(
+                        f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                        f"ETA={eta / 60:.0f}min {report} "
+                        f"invalid={totals[4] / n_samples:.2f} tokens/s={totals[7] / rollout_time:.0f}",
+                        flush=True,
+                    )
+
+            if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+                rng_states = gather_object([torch.get_rng_state()])
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        Path(f"runs/{run_name}/checkpoint"),
+                        agent,
+                        optimizer,
                         {
+                            "algorithm": ALGORITHM,
+                            "args": asdict(args),
+                            "run_name": run_name,
                             "iteration": iteration,
                             "global_step": global_step,
-                            "env": i,
-                            "prompt": next_texts[i],
-                            "output": output_texts[i],
-                            "action": action_names[action[i]],
-                            "valid": bool(valid[i]),
-                            "reward": float(reward[i]),
-                        }
-                        for i in range(args.num_envs)
-                    ],
-                    global_step,
-                )
-            episode_return, episode_length = episode_return + reward, episode_length + 1
-            next_done_np = np.logical_or(terminations, truncations)
-            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            next_texts, next_prompts, next_images = prompts_of(next_obs, infos)
-            next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
-
-            final_values[step] = 0.0
-            truncated = np.flatnonzero(
-                truncations & ~terminations
-            )  # out of time, not done: the episode's value goes on
-            if len(truncated) > 0:
-                final_obs = {
-                    k: np.stack([infos["final_obs"][i][k] for i in truncated]) for k in ("text", "mission", "image")
-                }
-                final_infos = {k: v[truncated] for k, v in infos["final_info"].items() if k == "formula"}
-                with torch.no_grad():
-                    final_values[step, truncated] = agent.get_value(*prompts_of(final_obs, final_infos)[1:]).flatten()
-            for i in np.flatnonzero(next_done_np):
-                success = bool(infos["final_info"]["success"][i])
-                finished.append((float(episode_return[i]), int(episode_length[i]), success))
-                if writer is not None:
-                    writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
-                    writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
-                episode_return[i], episode_length[i] = 0.0, 0
-        rollout_time, rollout_tokens = time.time() - rollout_start, int(output_masks.sum())
-
-        # bootstrap value if not done
-        with torch.no_grad():
-            next_value = agent.get_value(next_prompts, next_images).reshape(1, -1)
-            advantages, returns = compute_gae(
-                rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
-            )
-
-        # flatten the batch
-        b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
-        b_images = obs_images.reshape((-1,) + image_shape)
-        b_output = Output(
-            output_ids.reshape(-1, args.max_new_tokens),
-            output_masks.reshape(-1, args.max_new_tokens),
-            action_starts.reshape(-1),
+                            "rng_states": rng_states,
+                        },
+                    )
+    except KeyboardInterrupt:  # Ctrl-C, at a safe point: the rollout of this iteration is dropped, its updates kept
+        progress.close()
+        save_checkpoint(
+            Path(f"runs/{run_name}/checkpoint"),
+            agent,
+            optimizer,
+            {
+                "algorithm": ALGORITHM,
+                "args": asdict(args),
+                "run_name": run_name,
+                "iteration": iteration - 1,
+                "global_step": iteration_start_step,
+                "rng_states": [torch.get_rng_state()],
+            },
         )
-        b_logprobs = logprobs.reshape(-1)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
-        if model.dtype != torch.float32:  # bf16: old log-probs from the update's forward pass, so the first ratio is 1
-            b_logprobs = rescore(agent, b_prompts, b_images, b_output, args.minibatch_size)
-        if args.norm_adv:  # over the whole batch, as the authors do: a minibatch of one sample has no spread
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
-
-        # Optimizing the policy and value network
-        clipfracs = []
-        n_accumulated = 0  # minibatches whose gradients are summed so far
-        for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size).tolist()
-            for start in range(0, args.batch_size, args.minibatch_size):
-                end = start + args.minibatch_size
-                mb_inds = b_inds[start:end]
-                mb_output = Output(*(x[mb_inds] for x in b_output))  # the tokens sampled in the rollout, scored anew
-                _, _, newscored, newvalue = agent.get_action_and_value(
-                    [b_prompts[i] for i in mb_inds], b_images[mb_inds].numpy(), mb_output
-                )
-                logratio = newscored.log_prob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-
-                with torch.no_grad():
-                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-                mb_advantages = b_advantages[mb_inds]
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss, clipped as in the authors' code
-                newvalue = newvalue.view(-1)
-                v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                v_clipped = b_values[mb_inds] + torch.clamp(
-                    newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                )
-                v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-
-                entropy_loss = newscored.entropy.mean()  # logged only: the paper adds no entropy bonus
-                loss = pg_loss + v_loss * args.vf_coef
-
-                (loss / args.gradient_accumulation_steps).backward()
-                n_accumulated += 1
-                if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
-                    if world > 1:  # average the gradients over the processes, as DDP would
-                        grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
-                        for p, grad in zip(params, grads.split([p.numel() for p in params])):
-                            p.grad.copy_(grad.view_as(p))
-                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    n_accumulated = 0
-
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-
-        # all processes: finished episodes, their summed return, length and successes, invalid actions, log-probs,
-        # tokens
-        sums = [
-            len(finished),
-            *(map(sum, zip(*finished)) if finished else [0, 0, 0]),
-            n_invalid,
-            thought_sum,
-            action_sum,
-            rollout_tokens,
-        ]
-        totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum")
-        if accelerator.is_main_process:
-            n_samples = args.batch_size * world
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
-            writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("cot/invalid_action_rate", totals[4] / n_samples, global_step)
-            writer.add_scalar("cot/thought_log_prob", totals[5] / n_samples, global_step)
-            writer.add_scalar("cot/action_log_prob", totals[6] / n_samples, global_step)
-            writer.add_scalar("cot/output_tokens", totals[7] / n_samples, global_step)
-            if totals[0] > 0:
-                writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
-                report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
-            else:
-                report = "no episode ended"
-            print(
-                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-                f"ETA={eta / 60:.0f}min {report} "
-                f"invalid={totals[4] / n_samples:.2f} tokens/s={totals[7] / rollout_time:.0f}",
-                flush=True,
-            )
-
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
-            rng_states = gather_object([torch.get_rng_state()])
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    Path(f"runs/{run_name}/checkpoint"),
-                    agent,
-                    optimizer,
-                    {
-                        "algorithm": ALGORITHM,
-                        "args": asdict(args),
-                        "run_name": run_name,
-                        "iteration": iteration,
-                        "global_step": global_step,
-                        "rng_states": rng_states,
-                    },
-                )
+        print(f"stopped by Ctrl-C at global_step={iteration_start_step}: --resume runs/{run_name}/checkpoint goes on")
+        sys.exit(130)
+    progress.close()
+    interrupt.training = False
     envs.close()
 
     if args.save_model and accelerator.is_main_process:

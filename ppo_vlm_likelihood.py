@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import string
 import sys
 import threading
@@ -45,24 +46,10 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from huggingface_hub import try_to_load_from_cache
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    IdeficsProcessor,
-    PreTrainedModel,
-)
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-)
+from tqdm import tqdm
 
 import text_envs
 
@@ -140,14 +127,14 @@ class Args:
     """the LoRA scaling alpha"""
     lora_target_modules: str = LANGUAGE_MODEL_QKV
     """regular expression (fully matched) of the module names that get LoRA adapters"""
-    no_image: bool = False
-    """if toggled, the VLM sees the text description only (the LLM ablation)"""
+    image: bool = True
+    """the VLM sees the frame with the text (--no-image: the text description only, the LLM ablation)"""
     image_size: int | None = None
-    """pixels of the longer side of the env's image (default: the env's own size); image models only"""
+    """pixels of the longer side of the env's image (unset: the env's own size); image models only"""
     image_splitting: bool = False
     """let the processor cut a frame into several tiles (SmolVLM / Idefics3, LLaVA-NeXT); default: one tile per frame"""
     state_template: str | None = None
-    """the state prompt, with {description} and optionally {actions}; default: the paper's template for the env"""
+    """the state prompt, with {description} and optionally {actions}; unset: the paper's template for the env"""
     action_template: str = ACTION_TEMPLATE
     """the action prompt, with {action}"""
     reduction: Literal["mean", "sum", "word"] = "mean"
@@ -161,7 +148,7 @@ class Args:
     learning_rate: float = 1e-5
     """the learning rate of the optimizer"""
     num_envs: int | None = None
-    """the number of parallel game environments per process (default: 4, or 2 for Fetch and GoToRedBallGrey)"""
+    """the number of parallel game environments per process (unset: 4, or 2 for Fetch and GoToRedBallGrey)"""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = False
@@ -193,7 +180,7 @@ class Args:
     eval_seeds: list[int] | None = None
     """evaluate on new envs with these seeds (FrozenLake8x8: held-out maps) instead of the training envs' seeds"""
     env_seeds: list[int] | None = None
-    """the training envs' seeds, --num-envs per process (FrozenLake8x8: one map each); default: seed, seed + 1, ..."""
+    """the training envs' seeds, --num-envs per process (FrozenLake8x8: one map each); unset: seed, seed + 1, ..."""
     random_policy: bool = False
     """evaluate a uniformly random policy instead of the VLM (needs --total-timesteps 0 and --eval-episodes N)"""
 
@@ -283,8 +270,22 @@ def resolve_model_source(model_id: str, hub_timeout: float = 3.0) -> tuple[str, 
     )
 
 
-def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[PreTrainedModel, object, bool]:
+def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> tuple[nn.Module, object, bool]:
     """The frozen base model, its processor (a tokenizer for a text-only LM), and whether it reads images."""
+    # imported here, not at the top: --help and flag errors answer without loading transformers
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
     source, offline = resolve_model_source(model_id)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=offline)
@@ -317,7 +318,7 @@ def load_base_model(model_id: str, load_in_4bit: bool, device: torch.device) -> 
     return model, processor, reads_images
 
 
-def configure_image_processor(model: PreTrainedModel, processor: object, image_splitting: bool) -> None:
+def configure_image_processor(model: nn.Module, processor: object, image_splitting: bool) -> None:
     """One tile per frame unless `image_splitting`: env frames are small, and SmolVLM's own settings (longest edge
     2048, 512-px tiles) turn a 256-px frame into 17 tiles and 1088 image tokens. LLaVA-NeXT keeps the fewest tiles
     it takes (its base image and one crop); Qwen2-VL already scales its tokens to the frame's pixels."""
@@ -333,8 +334,10 @@ def configure_image_processor(model: PreTrainedModel, processor: object, image_s
         image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[crop["height"], crop["width"]]]
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, target_modules: str) -> nn.Module:
+def add_lora(model: nn.Module, r: int, alpha: int, target_modules: str) -> nn.Module:
     """Freeze the base model and add LoRA adapters to the matching modules (the only VLM weights that train)."""
+    from peft import LoraConfig, get_peft_model  # with the model, not at the top: see load_base_model
+
     for param in model.parameters():
         param.requires_grad_(False)
     try:
@@ -352,7 +355,7 @@ def format_state_prompt(
 ) -> str:
     """The state prompt P in the model's chat format: the image, then the filled template (Fig. 1)."""
     text = template.format(description=description, actions=", ".join(action_names))
-    if isinstance(processor, IdeficsProcessor):
+    if type(processor).__name__ == "IdeficsProcessor":
         return IDEFICS_V1_PROMPT.format(image=IDEFICS_V1_IMAGE if with_image else " ", text=text)
     if hasattr(processor, "image_processor"):  # a VLM's processor
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
@@ -367,7 +370,7 @@ def format_state_prompt(
 
 def encode_states(processor: object, prompts: Sequence[str], images: Sequence[np.ndarray] | None) -> dict:
     """The left-padded state prompts, each with its image (Idefics v1 takes text and images as one sequence)."""
-    if not isinstance(processor, IdeficsProcessor):
+    if not type(processor).__name__ == "IdeficsProcessor":
         image_kwargs = {"images": [[image] for image in images]} if images is not None else {}
         return processor(text=list(prompts), padding=True, padding_side="left", return_tensors="pt", **image_kwargs)
     parts = [prompt.partition(IDEFICS_V1_IMAGE) for prompt in prompts]  # given `images=`, it appends them instead
@@ -590,7 +593,7 @@ def build_agent(args: Args, action_names: Sequence[str], device: torch.device) -
         template,
         args.action_template,
         args.reduction,
-        with_image=reads_images and not args.no_image,
+        with_image=reads_images and args.image,
     )
 
 
@@ -691,7 +694,7 @@ def check_args(args: Args, world: int = 1) -> None:
             f"--env-seeds gives {len(args.env_seeds)} seeds for {args.num_envs} envs x {world} processes: "
             "give one seed per env."
         )
-    if args.no_image and args.image_size is not None:
+    if not args.image and args.image_size is not None:
         raise SystemExit("--image-size sets the image the VLM sees, so it does not fit with --no-image.")
     templates = {
         "--state-template": (args.state_template or "", ["description", "actions"]),
@@ -736,6 +739,26 @@ def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer |
     finally:
         os.close(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class Interrupt:
+    """Ctrl-C during training sets `requested`, and the run stops at its next safe point with a checkpoint; a second
+    Ctrl-C, or one before training starts, stops at once with nothing saved."""
+
+    def __init__(self) -> None:
+        self.requested, self.training = False, False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested or not self.training:
+            print("\nstopped by Ctrl-C, nothing saved", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+
+    def check(self) -> None:
+        """At a safe point: stop here (KeyboardInterrupt) if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def resume_folder(path: Path) -> Path:
@@ -814,7 +837,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    interrupt = Interrupt()
     accelerator = Accelerator(cpu=not (args.cuda and torch.cuda.is_available()))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if args.num_envs is None:  # the paper's 2 envs for Fetch and GoToRedBallGrey, named by their short or full id
@@ -825,7 +849,13 @@ if __name__ == "__main__":
     args.minibatch_size = int(args.batch_size // max(args.num_minibatches, 1))
     args.num_iterations = args.total_timesteps // max(args.batch_size * world, 1)  # check_args refuses 0 envs
     check_args(args, world)
+    if not args.random_policy:
+        model_source, _ = resolve_model_source(args.model_id)
+        if model_source != args.model_id:  # the offline fallback: the run is named after the model it loads
+            args.model_id, args.exp_name = model_source, f"{args.exp_name}-{Path(model_source).name}"
     checkpoint = load_checkpoint(args.resume, args) if args.resume else None
+    import peft  # the flags are checked: now the heavy libraries (load_base_model imports transformers)
+
     run_name = (
         checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     )
@@ -885,7 +915,7 @@ if __name__ == "__main__":
     if checkpoint:
         try:
             adapter = load_file(Path(checkpoint["folder"]) / "adapter" / "adapter_model.safetensors")
-            if set_peft_model_state_dict(agent.model, adapter).unexpected_keys:
+            if peft.set_peft_model_state_dict(agent.model, adapter).unexpected_keys:
                 raise KeyError("the adapter does not fit this model")
             agent.value_head.load_state_dict(checkpoint["value_head"])
             if "optimizer" in checkpoint:  # a model saved by --save-model has none: Adam starts afresh
@@ -920,183 +950,223 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
+    progress = tqdm(
+        total=args.num_iterations * args.batch_size * world,
+        initial=global_step,
+        unit="step",
+        desc=Path(args.model_id).name,
+        mininterval=1,
+        disable=not accelerator.is_main_process,
+    )
+    interrupt.training = world == 1  # several processes stop together only at a --checkpoint-freq checkpoint
     next_obs, _ = envs.reset()
     next_done = torch.zeros(args.num_envs).to(device)
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-        finished = []  # (return, length, success) of this process's episodes in this rollout
-        rollout_start, agent.tokens_seen = time.time(), 0
+    try:
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / args.num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            finished = []  # (return, length, success) of this process's episodes in this rollout
+            iteration_start_step = global_step
+            progress.set_postfix_str("rollout")
+            rollout_start, agent.tokens_seen = time.time(), 0
 
-        for step in range(0, args.num_steps):
-            global_step += args.num_envs * world
-            prompts, images = agent.observe(next_obs)
-            obs_prompts[step] = prompts
-            if agent.with_image:
-                obs_images[step] = torch.from_numpy(images)
-            dones[step] = next_done
+            for step in range(0, args.num_steps):
+                global_step += args.num_envs * world
+                prompts, images = agent.observe(next_obs)
+                obs_prompts[step] = prompts
+                if agent.with_image:
+                    obs_images[step] = torch.from_numpy(images)
+                dones[step] = next_done
 
-            # ALGO LOGIC: action logic
+                # ALGO LOGIC: action logic
+                with torch.no_grad():
+                    action, logprob, _, value = agent.get_action_and_value(prompts, images)
+                    values[step] = value.flatten()
+                actions[step] = action
+                logprobs[step] = logprob
+
+                # TRY NOT TO MODIFY: execute the game and log data.
+                next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                episode_return, episode_length = episode_return + reward, episode_length + 1
+                next_done_np = np.logical_or(terminations, truncations)
+                rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+                next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
+
+                final_values[step] = 0.0
+                truncated = np.flatnonzero(
+                    truncations & ~terminations
+                )  # out of time, not done: the episode's value goes on
+                if len(truncated) > 0:
+                    finals = [infos["final_obs"][i] for i in truncated]
+                    final_obs = {key: [final[key] for final in finals] for key in finals[0]}
+                    with torch.no_grad():
+                        final_values[step, truncated] = agent.get_value(*agent.observe(final_obs)).flatten()
+                for i in np.flatnonzero(next_done_np):
+                    success = bool(infos["final_info"]["success"][i])
+                    finished.append((float(episode_return[i]), int(episode_length[i]), success))
+                    if writer is not None:
+                        writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
+                        writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
+                    episode_return[i], episode_length[i] = 0.0, 0
+                progress.update(args.num_envs * world)
+                interrupt.check()
+            rollout_time, rollout_tokens = time.time() - rollout_start, agent.tokens_seen
+
+            # bootstrap value if not done
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(prompts, images)
-                values[step] = value.flatten()
-            actions[step] = action
-            logprobs[step] = logprob
-
-            # TRY NOT TO MODIFY: execute the game and log data.
-            next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-            episode_return, episode_length = episode_return + reward, episode_length + 1
-            next_done_np = np.logical_or(terminations, truncations)
-            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            next_done = torch.as_tensor(next_done_np, dtype=torch.float32, device=device)
-
-            final_values[step] = 0.0
-            truncated = np.flatnonzero(
-                truncations & ~terminations
-            )  # out of time, not done: the episode's value goes on
-            if len(truncated) > 0:
-                finals = [infos["final_obs"][i] for i in truncated]
-                final_obs = {key: [final[key] for final in finals] for key in finals[0]}
-                with torch.no_grad():
-                    final_values[step, truncated] = agent.get_value(*agent.observe(final_obs)).flatten()
-            for i in np.flatnonzero(next_done_np):
-                success = bool(infos["final_info"]["success"][i])
-                finished.append((float(episode_return[i]), int(episode_length[i]), success))
-                if writer is not None:
-                    writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
-                    writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
-                episode_return[i], episode_length[i] = 0.0, 0
-        rollout_time, rollout_tokens = time.time() - rollout_start, agent.tokens_seen
-
-        # bootstrap value if not done
-        with torch.no_grad():
-            next_value = agent.get_value(*agent.observe(next_obs)).reshape(1, -1)
-            advantages, returns = compute_gae(
-                rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
-            )
-
-        # flatten the batch
-        b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
-        b_images = obs_images.flatten(0, 1)  # (0, 0, 3) frames without images: reshape(-1, ...) cannot infer -1
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
-        if args.norm_adv:  # over the whole batch, not the authors' per minibatch: 2 samples would become -1 / +1
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
-
-        # Optimizing the policy and value network
-        clipfracs = []
-        n_accumulated = 0  # minibatches whose gradients are summed so far
-        for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size).tolist()
-            for start in range(0, args.batch_size, args.minibatch_size):
-                end = start + args.minibatch_size
-                mb_inds = b_inds[start:end]
-                mb_images = b_images[mb_inds].numpy() if agent.with_image else None
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(
-                    [b_prompts[i] for i in mb_inds], mb_images, b_actions[mb_inds]
+                next_value = agent.get_value(*agent.observe(next_obs)).reshape(1, -1)
+                advantages, returns = compute_gae(
+                    rewards, values, dones, final_values, next_value, next_done, args.gamma, args.gae_lambda
                 )
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
 
-                with torch.no_grad():
-                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+            # flatten the batch
+            b_prompts = [prompt for step_prompts in obs_prompts for prompt in step_prompts]
+            b_images = obs_images.flatten(0, 1)  # (0, 0, 3) frames without images: reshape(-1, ...) cannot infer -1
+            b_logprobs = logprobs.reshape(-1)
+            b_actions = actions.reshape(-1)
+            b_advantages = advantages.reshape(-1)
+            b_returns = returns.reshape(-1)
+            b_values = values.reshape(-1)
+            if args.norm_adv:  # over the whole batch, not the authors' per minibatch: 2 samples would become -1 / +1
+                b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std(unbiased=False) + 1e-8)
 
-                mb_advantages = b_advantages[mb_inds]
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss
-                newvalue = newvalue.view(-1)
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(
-                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+            # Optimizing the policy and value network
+            clipfracs = []
+            n_accumulated = 0  # minibatches whose gradients are summed so far
+            n_done, n_updates = 0, args.update_epochs * len(range(0, args.batch_size, args.minibatch_size))
+            for epoch in range(args.update_epochs):
+                b_inds = torch.randperm(args.batch_size).tolist()
+                for start in range(0, args.batch_size, args.minibatch_size):
+                    end = start + args.minibatch_size
+                    mb_inds = b_inds[start:end]
+                    mb_images = b_images[mb_inds].numpy() if agent.with_image else None
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                        [b_prompts[i] for i in mb_inds], mb_images, b_actions[mb_inds]
                     )
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
-                    v_loss = 0.5 * v_loss_max.mean()
+                    logratio = newlogprob - b_logprobs[mb_inds]
+                    ratio = logratio.exp()
+
+                    with torch.no_grad():
+                        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                        old_approx_kl = (-logratio).mean()
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                    mb_advantages = b_advantages[mb_inds]
+
+                    # Policy loss
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                    # Value loss
+                    newvalue = newvalue.view(-1)
+                    if args.clip_vloss:
+                        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                        v_clipped = b_values[mb_inds] + torch.clamp(
+                            newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                        )
+                        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                        v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+                        v_loss = 0.5 * v_loss_max.mean()
+                    else:
+                        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                    entropy_loss = entropy.mean()
+                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                    (loss / args.gradient_accumulation_steps).backward()
+                    n_accumulated += 1
+                    if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
+                        if world > 1:  # average the gradients over the processes, as DDP would
+                            grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                            for p, grad in zip(params, grads.split([p.numel() for p in params])):
+                                p.grad.copy_(grad.view_as(p))
+                        nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        n_accumulated = 0
+                    n_done += 1
+                    progress.set_postfix_str(f"update {n_done}/{n_updates}")
+                    interrupt.check()
+
+                if args.target_kl is not None and approx_kl > args.target_kl:
+                    break
+
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+            # all processes: finished episodes, their summed return, length and successes, and VLM tokens of the rollout
+            sums = [len(finished), *(map(sum, zip(*finished)) if finished else [0, 0, 0]), rollout_tokens]
+            totals = accelerator.reduce(
+                torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum"
+            ).tolist()
+            if writer is not None:
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+                writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+                writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+                writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+                writer.add_scalar("losses/explained_variance", explained_var, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("vlm/rollout_tokens_per_second", totals[4] / rollout_time, global_step)
+                writer.add_scalar("vlm/peak_memory_gib", peak_memory_gib(device), global_step)
+                if totals[0] > 0:
+                    writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
+                    report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
                 else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                    report = "no episode ended"
+                with progress.external_write_mode():  # the bar steps aside for the line
+                    print(
+                        f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                        f"ETA={eta / 60:.0f}min {report} "
+                        f"entropy={entropy_loss.item():.3f} tokens/s={totals[4] / rollout_time:.0f}",
+                        flush=True,
+                    )
 
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-
-                (loss / args.gradient_accumulation_steps).backward()
-                n_accumulated += 1
-                if n_accumulated == args.gradient_accumulation_steps or end >= args.batch_size:
-                    if world > 1:  # average the gradients over the processes, as DDP would
-                        grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
-                        for p, grad in zip(params, grads.split([p.numel() for p in params])):
-                            p.grad.copy_(grad.view_as(p))
-                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    n_accumulated = 0
-
-            if args.target_kl is not None and approx_kl > args.target_kl:
-                break
-
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-
-        # all processes: finished episodes, their summed return, length and successes, and VLM tokens of the rollout
-        sums = [len(finished), *(map(sum, zip(*finished)) if finished else [0, 0, 0]), rollout_tokens]
-        totals = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum").tolist()
-        if writer is not None:
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
-            writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("vlm/rollout_tokens_per_second", totals[4] / rollout_time, global_step)
-            writer.add_scalar("vlm/peak_memory_gib", peak_memory_gib(device), global_step)
-            if totals[0] > 0:
-                writer.add_scalar("charts/success_rate", totals[3] / totals[0], global_step)
-                report = f"episodic_return={totals[1] / totals[0]:.3f} success_rate={totals[3] / totals[0]:.2f}"
-            else:
-                report = "no episode ended"
-            print(
-                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-                f"ETA={eta / 60:.0f}min {report} "
-                f"entropy={entropy_loss.item():.3f} tokens/s={totals[4] / rollout_time:.0f}",
-                flush=True,
-            )
-
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
-            rng_states = gather_object([torch.get_rng_state()])
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    Path(f"runs/{run_name}/checkpoint"),
-                    agent,
-                    optimizer,
-                    {
-                        "algorithm": ALGORITHM,
-                        "args": asdict(args),
-                        "run_name": run_name,
-                        "iteration": iteration,
-                        "global_step": global_step,
-                        "rng_states": rng_states,
-                    },
-                )
+            if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+                rng_states = gather_object([torch.get_rng_state()])
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        Path(f"runs/{run_name}/checkpoint"),
+                        agent,
+                        optimizer,
+                        {
+                            "algorithm": ALGORITHM,
+                            "args": asdict(args),
+                            "run_name": run_name,
+                            "iteration": iteration,
+                            "global_step": global_step,
+                            "rng_states": rng_states,
+                        },
+                    )
+    except KeyboardInterrupt:  # Ctrl-C, at a safe point: the rollout of this iteration is dropped, its updates kept
+        progress.close()
+        save_checkpoint(
+            Path(f"runs/{run_name}/checkpoint"),
+            agent,
+            optimizer,
+            {
+                "algorithm": ALGORITHM,
+                "args": asdict(args),
+                "run_name": run_name,
+                "iteration": iteration - 1,
+                "global_step": iteration_start_step,
+                "rng_states": [torch.get_rng_state()],
+            },
+        )
+        print(f"stopped by Ctrl-C at global_step={iteration_start_step}: --resume runs/{run_name}/checkpoint goes on")
+        sys.exit(130)
+    progress.close()
+    interrupt.training = False
     envs.close()
 
     if args.save_model and accelerator.is_main_process:

@@ -26,6 +26,7 @@ Needs: text_envs.py, ppo_vlm_likelihood.py, ppo_vlm_cot.py
 import importlib.util
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -65,7 +65,7 @@ class Args:
     save_model: bool = True
     """save the taught model (LoRA merged) with its processor to --output-dir, for the PPO scripts' --model-id"""
     output_dir: str | None = None
-    """where to save the taught model (default: runs/{run_name}/model)"""
+    """where to save the taught model (unset: runs/{run_name}/model)"""
 
     # Model
     model_id: str = likelihood.DEFAULT_MODEL_ID
@@ -300,6 +300,8 @@ def evaluate_policy(
 
 def save_taught_model(args: Args, model: nn.Module, processor: object, source: str, path: Path) -> None:
     """The taught weights as a plain model folder (LoRA merged into the base) that --model-id loads."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict  # loaded with the model already
+
     if args.lora_r > 0 and args.load_in_4bit:  # merge into a full-precision copy of the base, not into 4-bit weights
         lora = get_peft_model_state_dict(model)
         base, _, _ = likelihood.load_base_model(source, False, torch.device("cpu"))
@@ -312,9 +314,13 @@ def save_taught_model(args: Args, model: nn.Module, processor: object, source: s
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    interrupt = likelihood.Interrupt()
     check_args(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    source, _ = (likelihood if args.format == "likelihood" else cot).resolve_model_source(args.model_id)
+    if source != args.model_id:  # the offline fallback: the run is named after the model it loads
+        args.model_id, args.exp_name = source, f"{args.exp_name}-{Path(source).name}"
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
@@ -330,7 +336,6 @@ if __name__ == "__main__":
         if args.format == "likelihood"
         else list(cot.make_envs(args.env_id, [0]).get_attr("action_names")[0])
     )
-    source, _ = (likelihood if args.format == "likelihood" else cot).resolve_model_source(args.model_id)
     if args.format == "likelihood":
         model, processor, reads_images = likelihood.load_base_model(source, args.load_in_4bit, device)
     else:
@@ -396,7 +401,8 @@ if __name__ == "__main__":
             )
 
     start_time, global_step = time.time(), 0
-    progress = tqdm(total=total_steps, desc="SFT steps")
+    progress = tqdm(total=total_steps, desc=f"SFT of {Path(source).name}", unit="step")
+    interrupt.training = True
     for epoch in range(1, args.num_epochs + 1):
         order = rng.permutation(len(demos))
         for start in range(0, len(demos), args.batch_size):
@@ -414,9 +420,21 @@ if __name__ == "__main__":
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], global_step)
             sps = int(global_step * args.batch_size / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
+            if interrupt.requested:
+                break
+        if interrupt.requested:  # Ctrl-C: stop after this step, keep the model so far (--save-model)
+            break
         if args.eval_freq > 0 and epoch % args.eval_freq == 0 and epoch < args.num_epochs and args.eval_episodes > 0:
             run_evaluation(global_step)
     progress.close()
+    interrupt.training = False
+    if interrupt.requested:
+        path = Path(args.output_dir or f"runs/{run_name}/model")
+        if args.save_model:
+            save_taught_model(args, model, processor, source, path)
+        saved = f"the model so far is saved to {path}" if args.save_model else "nothing saved (--save-model saves it)"
+        print(f"stopped by Ctrl-C after {global_step} of {total_steps} SFT steps: {saved}")
+        sys.exit(130)
 
     if args.eval_episodes > 0:
         run_evaluation(global_step)

@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import gymnasium as gym
@@ -41,7 +42,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import text_envs
-from car_coders import DEFAULT_MODEL_ID, CoderUnavailable, HFCoder, OpenAICoder, load_coder_model
+from car_coders import (
+    DEFAULT_MODEL_ID,
+    CoderUnavailable,
+    HFCoder,
+    OpenAICoder,
+    load_coder_model,
+    resolve_model_source,
+)
 from car_sandbox import (
     NEVER_DONE,
     Sandbox,
@@ -881,6 +889,10 @@ if __name__ == "__main__":
     grid = check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.resume, args, device) if args.resume else None
+    if coder_kind(args.coder) == "hf" and not (checkpoint or args.reward_programs):  # the coder writes the programs
+        source, _ = resolve_model_source(args.coder.partition(":")[2])
+        if source != args.coder.partition(":")[2]:  # the offline fallback: the run is named after the model it loads
+            args.coder, args.exp_name = f"hf:{source}", f"{args.exp_name}-{Path(source).name}"
     run_name = (
         checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     )
@@ -1200,12 +1212,15 @@ if __name__ == "__main__":
                 writer.add_scalar("reward/subtasks_completed", float(np.mean(episode_subtasks)), global_step)
                 report += f" subtasks_completed={np.mean(episode_subtasks):.2f}/{len(programs)}"
             if sandbox.messages:
-                progress.write(f"checker errors so far: {sandbox.errors}, last: {sandbox.messages[-1]}")
+                with progress.external_write_mode():  # the bar steps aside for the line
+                    print(f"checker errors so far: {sandbox.errors}, last: {sandbox.messages[-1]}", flush=True)
                 sandbox.messages.clear()
-        progress.write(
-            f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
-            f"ETA={eta / 60:.0f}min {report}"
-        )
+        with progress.external_write_mode():  # the bar steps aside for the line
+            print(
+                f"iteration {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                f"ETA={eta / 60:.0f}min {report}",
+                flush=True,
+            )
 
         last = iteration == args.num_iterations
         if interrupt.requested or args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or last):

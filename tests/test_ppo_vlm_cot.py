@@ -472,6 +472,8 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     assert len(g["evaluations"]["sampled"]) == 1
     captured = capsys.readouterr()
     assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
+    # the run, its hyperparameters and its progress bar name the model actually loaded
+    assert g["args"].model_id == str(ppo.FALLBACK_MODEL_DIR) and "__ppo_vlm_cot-tiny-smolvlm-cot__" in g["run_name"]
     monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()

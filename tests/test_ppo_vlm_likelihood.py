@@ -684,6 +684,11 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     assert len(g["evaluations"]["sampled"]) == 1
     captured = capsys.readouterr()
     assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
+    # the run, its hyperparameters and its progress bar name the model actually loaded
+    assert (
+        g["args"].model_id == str(ppo.FALLBACK_MODEL_DIR)
+        and "__ppo_vlm_likelihood-tiny-smolvlm-likelihood__" in g["run_name"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ SMALL_AGENT_SCRIPTS = ["ppo_cnn_baseline.py", "ppo_lvlm2p_distill.py", "vlm_car_
 COPIES = [  # (function, the files that hold a copy of it)
     ("compute_gae", PPO_SCRIPTS),
     ("layer_init", VLM_SCRIPTS),
+    ("Interrupt", SMALL_AGENT_SCRIPTS),  # Ctrl-C: the run stops at the end of the iteration
+    ("Interrupt", VLM_SCRIPTS),  # Ctrl-C: the run stops at the next rollout step or minibatch
     ("save_checkpoint", SMALL_AGENT_SCRIPTS),  # one file per checkpoint
     ("rng_states", SMALL_AGENT_SCRIPTS),
     ("set_rng_states", SMALL_AGENT_SCRIPTS),
@@ -47,12 +49,12 @@ COPIES = [  # (function, the files that hold a copy of it)
 
 
 def top_level_source(path: Path, name: str) -> str:
-    """The source text of the top-level function `name` in the file at `path`."""
+    """The source text of the top-level function or class `name` in the file at `path`."""
     source = path.read_text()
     for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
             return ast.get_source_segment(source, node)
-    raise AssertionError(f"{path.name} has no top-level function {name}")
+    raise AssertionError(f"{path.name} has no top-level function or class {name}")
 
 
 def needs(script: str) -> list[str]:
@@ -148,6 +150,8 @@ def test_a_copied_script_runs_with_only_what_it_needs(script: str, tmp_path: Pat
     assert "Traceback" not in result.stderr
     if script in PPO_SCRIPTS:  # the same progress line in every script; after the last iteration nothing is left
         assert re.search(r"^iteration (\d+)/\1 global_step=\d+ SPS=\d+ ETA=0min ", result.stdout, re.M), result.stdout
+    # and a progress bar with its ETA ([elapsed<left, rate]) on stderr
+    assert re.search(r"100%\|.*\| (\d+)/\1 \[\d\d:\d\d<\d\d:\d\d, ", result.stderr), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("script", sorted(NO_ASSETS))
