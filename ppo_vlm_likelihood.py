@@ -717,6 +717,18 @@ def check_args(args: Args, world: int = 1) -> None:
         raise SystemExit("--action-template must contain {action}.")
 
 
+def run_state(args: Args, run_name: str, iteration: int, global_step: int, rng_states: list) -> dict:
+    """What a checkpoint holds besides the weights: the script, its flags, where the run stands, the RNG states."""
+    return {
+        "algorithm": ALGORITHM,
+        "args": asdict(args),
+        "run_name": run_name,
+        "iteration": iteration,
+        "global_step": global_step,
+        "rng_states": rng_states,
+    }
+
+
 def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """LoRA adapter (PeftModel.from_pretrained loads it), value head, optimizer (None: a model without one, as
     --save-model writes), step and RNG. Written to path.tmp, made durable, then swapped in; `resume_folder` finds the
@@ -1139,14 +1151,7 @@ if __name__ == "__main__":
                         Path(f"runs/{run_name}/checkpoint"),
                         agent,
                         optimizer,
-                        {
-                            "algorithm": ALGORITHM,
-                            "args": asdict(args),
-                            "run_name": run_name,
-                            "iteration": iteration,
-                            "global_step": global_step,
-                            "rng_states": rng_states,
-                        },
+                        run_state(args, run_name, iteration, global_step, rng_states),
                     )
     except KeyboardInterrupt:  # Ctrl-C, at a safe point: the rollout of this iteration is dropped, its updates kept
         progress.close()
@@ -1154,14 +1159,7 @@ if __name__ == "__main__":
             Path(f"runs/{run_name}/checkpoint"),
             agent,
             optimizer,
-            {
-                "algorithm": ALGORITHM,
-                "args": asdict(args),
-                "run_name": run_name,
-                "iteration": iteration - 1,
-                "global_step": iteration_start_step,
-                "rng_states": [torch.get_rng_state()],
-            },
+            run_state(args, run_name, iteration - 1, iteration_start_step, [torch.get_rng_state()]),
         )
         print(f"stopped by Ctrl-C at global_step={iteration_start_step}: --resume runs/{run_name}/checkpoint goes on")
         sys.exit(130)
@@ -1175,14 +1173,7 @@ if __name__ == "__main__":
             model_path,
             agent,
             None,
-            {
-                "algorithm": ALGORITHM,
-                "args": asdict(args),
-                "run_name": run_name,
-                "iteration": args.num_iterations,
-                "global_step": global_step,
-                "rng_states": [torch.get_rng_state()],
-            },
+            run_state(args, run_name, args.num_iterations, global_step, [torch.get_rng_state()]),
         )
         print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
     evaluations = {}  # (return, length, success) of each evaluation episode, by mode

@@ -34,6 +34,7 @@ COPIES = [  # (function, the files that hold a copy of it)
     ("set_rng_states", SMALL_AGENT_SCRIPTS),
     ("load_checkpoint", ["ppo_cnn_baseline.py", "vlm_car_reward.py"]),
     ("save_checkpoint", VLM_SCRIPTS),  # one folder per checkpoint: the LoRA adapter and the trainer state
+    ("run_state", VLM_SCRIPTS),
     ("load_checkpoint", VLM_SCRIPTS),
     ("resume_folder", VLM_SCRIPTS),
     ("configure_image_processor", VLM_SCRIPTS),
