@@ -39,6 +39,8 @@ NOT_A_SETTING = {
     "save_model",
     "eval_episodes",
 }
+# Fields the scripts compute from other flags: the flags they come from already tell the settings apart.
+COMPUTED = {"batch_size", "minibatch_size", "num_iterations"}
 
 
 def read_run(run: pathlib.Path, tag: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
@@ -81,7 +83,9 @@ def first_step_reaching(steps: np.ndarray, values: np.ndarray, threshold: float,
 def setting_labels(settings: dict, overrides: dict[str, str]) -> dict:
     """A legend label per setting: the hyperparameters in which the settings differ, else env and exp_name."""
     keys = sorted({k for hp in (dict(key[2]) for key in settings) for k in hp})
-    differing = [k for k in keys if len({dict(key[2]).get(k) for key in settings}) > 1 and k != "exp_name"]
+    differing = [
+        k for k in keys if len({dict(key[2]).get(k) for key in settings}) > 1 and k not in COMPUTED | {"exp_name"}
+    ]
     several_envs = len({key[0] for key in settings}) > 1
     labels = {}
     for key in settings:
@@ -100,7 +104,7 @@ def setting_labels(settings: dict, overrides: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=pathlib.Path, help="a folder of run folders named {env}__{exp}__{seed}__{time}")
     parser.add_argument("--tag", default="charts/success_rate", help="the TensorBoard scalar to plot")
     parser.add_argument("--window", type=int, default=4096, help="env steps averaged into each point")
