@@ -148,6 +148,7 @@ def main() -> None:
     if args.threshold is not None:
         ax.axhline(args.threshold, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("env steps")
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x else "0")
     ax.set_ylabel(args.ylabel or args.tag)
     ax.set_title(args.title or f"{args.tag}: mean over seeds, band from the lowest to the highest seed", fontsize=10)
     ax.grid(alpha=0.3)
