@@ -259,3 +259,12 @@ def test_teaching_rebuilds_bit_for_bit(monkeypatch, tmp_path: Path) -> None:
             )
         )
     assert weights[0] == weights[1] and weights[0][0] != weights[0][1]
+
+
+def test_a_fallback_run_is_named_after_the_model_it_teaches(monkeypatch, tmp_path: Path) -> None:
+    """With no Hub, the default model falls back to the likelihood script's taught model, and the run's name and
+    hyperparameters say so."""
+    argv = ["--format", "likelihood", "--env-id", "FrozenLake8x8", "--num-demos", "1", "--num-epochs", "1"]
+    g = run_script(monkeypatch, tmp_path, *argv, "--eval-episodes", "0")
+    fallback = sft_vlm.likelihood.FALLBACK_MODEL_DIR
+    assert g["args"].model_id == str(fallback) and f"__sft_vlm-{fallback.name}__" in g["run_name"]
