@@ -52,7 +52,7 @@ from lvlm2p_teachers import (
 
 ALGORITHM = "ppo_lvlm2p_distill"
 # flags that fix the envs, the network and the optimizer: a checkpoint resumes only with the same values
-ENV_FLAGS = ("env_id", "teacher_image_size", "action_set", "num_envs", "algo")
+ENV_FLAGS = ("env_id", "teacher_image_size", "action_set", "num_envs", "algo", "distill_coef")
 # what a checkpoint holds, and of which type
 CHECKPOINT_LAYOUT = {
     "args": dict,
@@ -188,12 +188,16 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def make_env(env_id: str, seed: int, teacher_image_size: int, action_set: str) -> Callable[[], gym.Env]:
+def make_env(
+    env_id: str, seed: int, teacher_image_size: int, action_set: str, with_image: bool
+) -> Callable[[], gym.Env]:
     """A thunk building one text_envs env: obs["state"] for the student, obs["image"] and obs["mission"] for the
-    teacher."""
+    teacher (no image when there is no teacher: lambda = 0 renders nothing)."""
 
     def thunk() -> gym.Env:
-        env = text_envs.make_env(env_id, seed=seed, image_size=teacher_image_size, action_set=action_set)
+        env = text_envs.make_env(
+            env_id, seed=seed, image_size=teacher_image_size, action_set=action_set, with_image=with_image
+        )
         return gym.wrappers.RecordEpisodeStatistics(env)
 
     return thunk
@@ -202,7 +206,10 @@ def make_env(env_id: str, seed: int, teacher_image_size: int, action_set: str) -
 def make_envs(args: Args) -> gym.vector.SyncVectorEnv:
     """The training vector env; SAME_STEP autoreset puts each episode's last observation in infos["final_obs"]."""
     return gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, args.seed + i, args.teacher_image_size, args.action_set) for i in range(args.num_envs)],
+        [
+            make_env(args.env_id, args.seed + i, args.teacher_image_size, args.action_set, args.distill_coef > 0)
+            for i in range(args.num_envs)
+        ],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
 
@@ -778,6 +785,8 @@ if __name__ == "__main__":
     def teacher_frames(observation: dict) -> tuple[list[Frame], list[bytes]]:
         """The frames of the envs' current observations, with the expert's action where the expert will be asked
         (it reads the env's current state, so it is asked now, and only for frames it has not answered yet)."""
+        if "image" not in observation:  # lambda = 0: no teacher, no frames
+            return [], []
         images, missions = observation["image"], observation["mission"]
         keys = [frame_key(images[i], missions[i]) for i in range(args.num_envs)]
         ask = [use_expert and (key not in cache or args.teacher_query_mode == "minibatch") for key in keys]
