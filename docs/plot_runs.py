@@ -158,13 +158,15 @@ def main() -> None:
     print(f"wrote {args.out}")
 
     if args.threshold is not None:
-        print(f"\n| setting | seeds | first step at {args.tag} >= {args.threshold:g} (per seed) |")
-        print("| --- | --- | --- |")
+        print(f"\n| setting | seeds | first step at {args.tag} >= {args.threshold:g} (per seed) | final, mean ± std |")
+        print("| --- | --- | --- | --- |")
         for key, seeds in settings.items():
             reached = [first_step_reaching(s, v, args.threshold, args.window, args.min_points) for _, s, v in seeds]
+            finals = [v[s > s.max() - args.window].mean() for _, s, v in seeds]  # the last window of each seed
             print(
                 f"| {labels[key]} | {', '.join(seed for seed, _, _ in seeds)} | "
-                f"{', '.join('-' if r is None else str(r) for r in reached)} |"
+                f"{', '.join('-' if r is None else str(r) for r in reached)} | "
+                f"{np.mean(finals):.2f} ± {np.std(finals):.2f} |"
             )
 
 

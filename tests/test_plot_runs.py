@@ -46,6 +46,6 @@ def test_plot_and_threshold_table(tmp_path):
         assert image.width <= 1000
     rows = [line for line in result.stdout.splitlines() if line.startswith("| learning_rate=")]
     assert sorted(rows) == [
-        "| learning_rate=0.001 | 1, 2 | 500, - |",
-        "| learning_rate=0.01 | 1, 2 | 300, 800 |",
+        "| learning_rate=0.001 | 1, 2 | 500, - | 0.80 ± 0.20 |",  # final values 1.0 and 0.1 + 1000 / 2000
+        "| learning_rate=0.01 | 1, 2 | 300, 800 | 1.00 ± 0.00 |",
     ]
