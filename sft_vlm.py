@@ -20,7 +20,7 @@ scores. Demonstrations come from the text_envs experts, taking a uniformly rando
     python sft_vlm.py --format cot --env-id NumberLine
     python ppo_vlm_likelihood.py --model-id runs/<run_name>/model   # PPO from the taught model
 
-Needs: text_envs.py, ppo_vlm_likelihood.py, ppo_vlm_cot.py
+Needs: text_envs.py, ppo_vlm_likelihood.py, likelihood_models.py, ppo_vlm_cot.py, cot_models.py
 """
 
 import importlib.util

@@ -51,6 +51,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "assets")]
 
 from make_tiny_vlm import build_smolvlm_256m_shaped
 
+import cot_models
 import ppo_vlm_cot as cot
 import text_envs
 
@@ -208,7 +209,7 @@ def main() -> None:
         for c in range(6)
         for t in range(6)
     ]
-    tiny = cot.FALLBACK_MODEL_DIR
+    tiny = cot_models.FALLBACK_MODEL_DIR
     results = {
         "tiny": measure_model(
             "tiny",

@@ -13,12 +13,14 @@ import sys
 import threading
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from script_helpers import SUBPROCESS_ENV, exit_message, run_as_main, scalar_tags
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import cot_models
 import ppo_vlm_cot as ppo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -473,8 +475,10 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     captured = capsys.readouterr()
     assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
     # the run, its hyperparameters and its progress bar name the model actually loaded
-    assert g["args"].model_id == str(ppo.FALLBACK_MODEL_DIR) and "__ppo_vlm_cot-tiny-smolvlm-cot__" in g["run_name"]
-    monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert (
+        g["args"].model_id == str(cot_models.FALLBACK_MODEL_DIR) and "__ppo_vlm_cot-tiny-smolvlm-cot__" in g["run_name"]
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
@@ -482,8 +486,10 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
             "http://127.0.0.1:9": "cannot be reached",
             f"http://127.0.0.1:{hub.server_address[1]}": "does not know it",
         }.items():
-            monkeypatch.setattr(ppo.huggingface_hub.constants, "ENDPOINT", endpoint)
-            assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID, hub_timeout=1.0)[0] == str(ppo.FALLBACK_MODEL_DIR)
+            monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+            assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID, hub_timeout=1.0)[0] == str(
+                cot_models.FALLBACK_MODEL_DIR
+            )
             assert reason in capsys.readouterr().err
             with pytest.raises(SystemExit, match=reason):  # an explicit id never falls back
                 ppo.resolve_model_source("someone/some-model", hub_timeout=1.0)
@@ -544,14 +550,3 @@ def test_temperature_zero_generates_greedily(tiny_smolvlm_path: str) -> None:
         ids, mask, logits, _ = ppo.generate(model, processor, prompts, images, 0.0, 6)
     n = logits.shape[1]
     assert torch.equal(ids[:, :n][mask[:, :n]], logits.argmax(-1)[mask[:, :n]])
-
-
-def test_image_configuration_is_the_likelihood_scripts(tiny_smolvlm_path: str) -> None:
-    """The one-tile configuration is copied into both VLM scripts on purpose (each stands alone): the copies agree."""
-    import inspect
-
-    import ppo_vlm_likelihood
-
-    assert inspect.getsource(ppo.configure_image_processor) == inspect.getsource(
-        ppo_vlm_likelihood.configure_image_processor
-    )

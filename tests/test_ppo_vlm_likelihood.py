@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub
 import make_tiny_vlm
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from peft import PeftModel
 from script_helpers import SUBPROCESS_ENV, exit_message, run_as_main, scalar_tags
 from transformers import AutoModelForImageTextToText, AutoProcessor, IdeficsProcessor, LlamaForCausalLM
 
+import likelihood_models
 import ppo_vlm_likelihood as ppo
 import text_envs
 from benchmarks.bench_likelihood_scoring import score_actions_full_prompts
@@ -650,12 +652,15 @@ class NotFoundHandler(http.server.BaseHTTPRequestHandler):
 def test_default_model_falls_back_loudly_and_fast(monkeypatch, capsys) -> None:
     """Unavailable default model: a loud warning and assets/tiny-smolvlm, found out in seconds, offline or not."""
     start = time.time()
-    assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID) == (str(ppo.FALLBACK_MODEL_DIR), True)  # HF_HUB_OFFLINE=1
+    assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID) == (
+        str(likelihood_models.FALLBACK_MODEL_DIR),
+        True,
+    )  # HF_HUB_OFFLINE=1
     assert time.time() - start < 2
     warning = capsys.readouterr().err
     assert "WARNING" in warning and "taught offline" in warning
 
-    monkeypatch.setattr(ppo.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
     hub = http.server.HTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
@@ -666,9 +671,11 @@ def test_default_model_falls_back_loudly_and_fast(monkeypatch, capsys) -> None:
             f"http://127.0.0.1:{hub.server_address[1]}": "does not know it",
         }
         for endpoint, reason in endpoints.items():
-            monkeypatch.setattr(ppo.huggingface_hub.constants, "ENDPOINT", endpoint)
+            monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
             start = time.time()
-            assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID, hub_timeout=1.0)[0] == str(ppo.FALLBACK_MODEL_DIR)
+            assert ppo.resolve_model_source(ppo.DEFAULT_MODEL_ID, hub_timeout=1.0)[0] == str(
+                likelihood_models.FALLBACK_MODEL_DIR
+            )
             assert time.time() - start < 2.5
             assert reason in capsys.readouterr().err
             with pytest.raises(SystemExit, match=reason):  # an explicit id never falls back
@@ -686,7 +693,7 @@ def test_default_model_run_uses_the_fallback(monkeypatch, tmp_path: Path, capsys
     assert "taught offline" in captured.err and "eval sampled: episodic_return=" in captured.out
     # the run, its hyperparameters and its progress bar name the model actually loaded
     assert (
-        g["args"].model_id == str(ppo.FALLBACK_MODEL_DIR)
+        g["args"].model_id == str(likelihood_models.FALLBACK_MODEL_DIR)
         and "__ppo_vlm_likelihood-tiny-smolvlm-likelihood__" in g["run_name"]
     )
 

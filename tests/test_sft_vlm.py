@@ -12,6 +12,7 @@ import torch
 from script_helpers import exit_message, run_as_main, scalar_tags
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import likelihood_models
 import ppo_vlm_cot as cot
 import ppo_vlm_likelihood as likelihood
 import sft_vlm
@@ -266,5 +267,5 @@ def test_a_fallback_run_is_named_after_the_model_it_teaches(monkeypatch, tmp_pat
     hyperparameters say so."""
     argv = ["--format", "likelihood", "--env-id", "FrozenLake8x8", "--num-demos", "1", "--num-epochs", "1"]
     g = run_script(monkeypatch, tmp_path, *argv, "--eval-episodes", "0")
-    fallback = sft_vlm.likelihood.FALLBACK_MODEL_DIR
+    fallback = likelihood_models.FALLBACK_MODEL_DIR
     assert g["args"].model_id == str(fallback) and f"__sft_vlm-{fallback.name}__" in g["run_name"]

@@ -20,8 +20,9 @@ PPO_SCRIPTS = [
     "ppo_vlm_cot.py",
 ]
 SCRIPTS = [*PPO_SCRIPTS, "sft_vlm.py"]
-COMPANIONS = ["lvlm2p_teachers.py", "car_coders.py", "car_sandbox.py"]
+COMPANIONS = ["likelihood_models.py", "cot_models.py", "lvlm2p_teachers.py", "car_coders.py", "car_sandbox.py"]
 VLM_SCRIPTS = ["ppo_vlm_likelihood.py", "ppo_vlm_cot.py"]
+VLM_COMPANIONS = ["likelihood_models.py", "cot_models.py"]  # their model loading
 # plumbing copied on purpose into several files (each file stands alone): the copies must stay one text
 SMALL_AGENT_SCRIPTS = ["ppo_cnn_baseline.py", "ppo_lvlm2p_distill.py", "vlm_car_reward.py"]
 COPIES = [  # (function, the files that hold a copy of it)
@@ -37,11 +38,11 @@ COPIES = [  # (function, the files that hold a copy of it)
     ("run_state", VLM_SCRIPTS),
     ("load_checkpoint", VLM_SCRIPTS),
     ("resume_folder", VLM_SCRIPTS),
-    ("configure_image_processor", VLM_SCRIPTS),
-    ("add_lora", VLM_SCRIPTS),
+    ("configure_image_processor", VLM_COMPANIONS),
+    ("add_lora", VLM_COMPANIONS),
     ("evaluate", VLM_SCRIPTS),
-    ("hub_status", [*VLM_SCRIPTS, "lvlm2p_teachers.py", "car_coders.py"]),
-    ("resolve_model_source", [*VLM_SCRIPTS, "lvlm2p_teachers.py", "car_coders.py"]),
+    ("hub_status", [*VLM_COMPANIONS, "lvlm2p_teachers.py", "car_coders.py"]),
+    ("resolve_model_source", [*VLM_COMPANIONS, "lvlm2p_teachers.py", "car_coders.py"]),
     ("png_data_url", ["lvlm2p_teachers.py", "car_coders.py"]),
     ("retry_after_seconds", ["lvlm2p_teachers.py", "car_coders.py"]),
     ("reply_text", ["lvlm2p_teachers.py", "car_coders.py"]),
