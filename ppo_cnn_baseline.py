@@ -79,8 +79,7 @@ class Args:
     env_id: str = "FrozenLake8x8"
     """the id of the environment: a text_envs short id or a full MiniGrid-*/BabyAI-* id"""
     obs: Literal["image", "state"] = "image"
-    """what the agent sees: the VLM's image, downscaled (a CNN), or the symbolic state (a CNN for grids, an MLP for
-    vectors)"""
+    """what the agent sees: the image, downscaled (a CNN), or the symbolic state (CNN for grids, MLP for vectors)"""
     image_size: int = 64
     """pixels of the longer side of the image observation (and of the videos)"""
     action_set: Literal["primitive", "macro"] = "primitive"

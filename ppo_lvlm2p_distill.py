@@ -101,8 +101,7 @@ class Args:
     teacher: str = f"hf:{DEFAULT_MODEL_ID}"
     """hf:<hub id or directory> (a local VLM), openai:<model> (a server, see --teacher-base-url) or expert (scripted)"""
     teacher_mode: Literal["generate", "likelihood"] = "generate"
-    """generate: the paper's two-stage prompt, probabilities parsed from the reply; likelihood: softmax over the
-    action prompts' mean token log-likelihoods (hf: only)"""
+    """generate: the paper's two-stage prompt, reply parsed; likelihood: softmax over action prompt scores (hf:)"""
     teacher_fewshot: str | None = None
     """a text file of few-shot examples put before the second stage's question (e.g. teacher_prompts/lavagap.txt)"""
     teacher_image_size: int = 192
@@ -121,16 +120,16 @@ class Args:
     """retries of a failed request (5xx, 429, a lost connection) before its frame trains on the RL loss alone"""
     teacher_backoff: float = 1.0
     """seconds before the first retry, doubled for each next one (longer where a 429 or 503 says so)"""
+    # while the teacher rests, its frames train on the RL loss alone
     teacher_cooldown: float = 60.0
-    """seconds an openai: teacher is not asked after 5 failed requests in a row (its frames train on the RL loss
-    alone); then one request tries again"""
+    """seconds an openai: teacher rests after 5 failed requests in a row; then one request tries again"""
     teacher_temperature: float = 0.3
     """expert teacher: its distribution is softmax(one_hot(expert action) / temperature)"""
     teacher_noise: float = 0.0
     """expert teacher: the probability that its action is replaced by a uniformly random one"""
+    # minibatch is the reference code's way, for comparison
     teacher_query_mode: Literal["rollout", "minibatch"] = "rollout"
-    """rollout: each distinct frame queried once, before the update epochs; minibatch: every sample of every
-    minibatch in every epoch, without a cache (the reference code's way, for comparison)"""
+    """rollout: each distinct frame once, before the update; minibatch: every sample of every epoch, uncached"""
 
     # Algorithm specific arguments
     algo: Literal["ppo", "a2c"] = "ppo"
@@ -163,9 +162,9 @@ class Args:
     """the number of mini-batches (ppo)"""
     update_epochs: int = 4
     """the K epochs to update the policy (ppo)"""
+    # normalised advantages are of order 1 even before any reward, which would drown a lambda of 0.01
     norm_adv: bool = False
-    """Toggles advantages normalization (ppo; off as in rl-starter-files and the reference code: normalised
-    advantages are of order 1 even before any reward, which would drown a lambda of 0.01)"""
+    """Toggles advantages normalization (ppo; off, as in rl-starter-files and the reference code)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (ppo)"""
     clip_vloss: bool = True

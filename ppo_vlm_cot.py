@@ -101,17 +101,14 @@ class Args:
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}/model` folder (LoRA adapter and value head)"""
     eval_episodes: int = 0
-    """the number of episodes of each evaluation after training, greedy and sampled (--total-timesteps 0: the model
-    as loaded)"""
+    """episodes of each evaluation after training, greedy and sampled (--total-timesteps 0: of the loaded model)"""
     checkpoint_freq: int = 1
     """save a checkpoint to `runs/{run_name}/checkpoint` every this many iterations (0: never)"""
     resume: str | None = None
-    """path of a checkpoint to continue from (the model flags must be the checkpoint's; --total-timesteps 0: evaluate
-    it)"""
+    """a checkpoint to continue from, with its model flags (--total-timesteps 0: evaluate it)"""
 
     sample_every: int = 1
-    """every N iterations, log the last rollout step's prompts, outputs, actions and rewards (tensorboard text,
-    samples.jsonl); 0: never"""
+    """every N iterations, log the last rollout step's prompts, outputs, actions, rewards (samples.jsonl); 0: never"""
 
     # Model
     model_id: str = DEFAULT_MODEL_ID

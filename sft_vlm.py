@@ -86,9 +86,9 @@ class Args:
     """the prompt format to teach: ppo_vlm_likelihood.py's state + action prompts, or ppo_vlm_cot.py's JSON answer"""
     env_id: str = "FrozenLake8x8"
     """the id of the environment (a text_envs short id, or a full MiniGrid-*/BabyAI-*/FrozenLake* id)"""
+    # policy clones the policy PPO samples from; tokens is language-model SFT
     loss: Literal["policy", "tokens"] = "policy"
-    """with --format likelihood: -log pi(a|s) of the script's softmax over eq. 1 scores (behaviour cloning of the
-    policy PPO samples), or the mean NLL of the demonstrated action prompt's tokens (language-model SFT)"""
+    """--format likelihood: policy, -log pi(a|s) over eq. 1 scores; tokens, the action prompt's mean NLL (LM SFT)"""
     reduction: Literal["mean", "sum", "word"] = "mean"
     """with --format likelihood: how action-prompt log-probs become scores (ppo_vlm_likelihood.py's --reduction)"""
     cot: bool = True

@@ -111,8 +111,7 @@ class Args:
     """the id of the environment: a text_envs grid env's short id or a full MiniGrid-*/BabyAI-* id"""
     # stages 1 to 3: the coder writes the reward programs, verification accepts them
     coder: str = f"hf:{DEFAULT_MODEL_ID}"
-    """the VLM that writes the programs: hf:<hub id or directory> (a local VLM) or openai:<model> (see
-    --coder-base-url)"""
+    """the VLM that writes the programs: hf:<hub id or directory> or openai:<model> (see --coder-base-url)"""
     coder_base_url: str | None = None
     """the OpenAI-compatible server of an openai: coder, e.g. http://localhost:8000/v1"""
     coder_api_key_env: str = "OPENAI_API_KEY"
@@ -144,8 +143,7 @@ class Args:
     checker_memory_mb: int = 1024
     """address-space limit of the worker process that runs the programs"""
     accept_unconfined_programs: bool = False
-    """run the programs even where the worker's OS layer (seccomp, Landlock) cannot be installed: only the load check
-    and the OS limits then hold them"""
+    """run the programs even where seccomp / Landlock cannot be installed (the load check and OS limits stay)"""
     # stage 4: PPO on the env reward plus the sub-task bonus
     subtask_bonus: float = 0.1
     """reward added for each sub-task the first time it completes, in order, within an episode"""

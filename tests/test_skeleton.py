@@ -98,6 +98,19 @@ def test_every_companion_and_script_is_needed_by_name() -> None:
         assert len(users) == 1, f"{companion} is needed by {users}"
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_help_is_one_line(script: str) -> None:
+    """tyro starts a new --help line at every indented continuation of a field docstring: keep each on one line."""
+    args = next(
+        node
+        for node in ast.parse((REPO_ROOT / script).read_text()).body
+        if isinstance(node, ast.ClassDef) and node.name == "Args"
+    )
+    docstrings = [node.value.value for node in args.body if isinstance(node, ast.Expr)]
+    assert len(docstrings) == sum(isinstance(node, ast.AnnAssign) for node in args.body)  # every field has one
+    assert [text for text in docstrings if "\n" in text] == []
+
+
 TINY_SMOLVLM = str(REPO_ROOT / "assets" / "tiny-smolvlm")
 # fmt: off
 SMOKE = {  # one short iteration of each script, offline
