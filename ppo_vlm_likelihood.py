@@ -822,6 +822,7 @@ if __name__ == "__main__":
         unit="step",
         desc=Path(args.model_id).name,
         mininterval=1,
+        smoothing=0,  # the run's average rate, updates included: no env step is taken while one runs
         disable=not accelerator.is_main_process,
     )
     interrupt.training = world == 1  # several processes stop together only at a --checkpoint-freq checkpoint
