@@ -1,6 +1,6 @@
-"""Teach the two small offline VLMs of the likelihood and CoT scripts on this CPU, bit for bit from a seed.
+"""Teach the small offline VLMs of the likelihood and CoT scripts on this CPU, bit for bit from a seed.
 
-    python assets/teach_tiny_vlm.py            # rewrites assets/tiny-smolvlm-likelihood and assets/tiny-smolvlm-cot
+    python assets/teach_tiny_vlm.py            # rewrites the three models below
     python assets/teach_tiny_vlm.py tiny-smolvlm-cot                        # one of them
 
 Each model is a SmolVLM (Idefics3) with random weights from make_tiny_vlm.build_teachable_smolvlm, its tokenizer
@@ -8,9 +8,11 @@ trained on the prompts of the script it serves, then taught by sft_vlm.py (every
 expert demonstrations (--expert-noise 0.2, env seeds from 1000 on; held-out evaluation on seeds 0-99):
   - tiny-smolvlm-likelihood: ppo_vlm_likelihood.py's prompts on FrozenLake8x8, 64-px frames in 8-px patches
     (one patch per lake tile: the map is only in the image, the text describes the agent's surroundings);
+  - tiny-smolvlm-gotoredball: the same on BabyAI-GoToRedBallGrey with the paper's macro actions (64-px frames of the
+    8x8 room, one patch per cell; the text names the objects the agent sees and where);
   - tiny-smolvlm-cot: ppo_vlm_cot.py's NumberLine prompt and JSON answers, 128-px frames in 16-px patches (the
     numbers are only in the image).
-The two runs go side by side, one torch thread each (the same thread count gives the same weights). They are
+The runs go side by side, one torch thread each (the same thread count gives the same weights). They are
 small models taught offline on these envs, not the papers' models: their numbers prove mechanisms only.
 """
 
@@ -31,49 +33,13 @@ from make_tiny_vlm import build_teachable_smolvlm  # noqa: E402
 import ppo_vlm_likelihood as likelihood  # noqa: E402
 import sft_vlm  # noqa: E402
 
+# sft_vlm.py's flags: the likelihood models differ in --env-id only
+LIKELIHOOD = "--format likelihood --num-demos 1000 --num-epochs 4 --learning-rate 1e-3 --batch-size 32 --eval-freq 1"
+COT = "--format cot --env-id NumberLine --num-demos 1000 --num-epochs 24 --eval-freq 6 --learning-rate 1e-3"
 TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
-    "tiny-smolvlm-likelihood": (
-        64,
-        8,
-        [
-            "--format",
-            "likelihood",
-            "--env-id",
-            "FrozenLake8x8",
-            "--num-demos",
-            "1000",
-            "--num-epochs",
-            "4",
-            "--learning-rate",
-            "1e-3",
-            "--batch-size",
-            "32",
-            "--eval-freq",
-            "1",
-        ],
-    ),
-    "tiny-smolvlm-cot": (
-        128,
-        16,
-        [
-            "--format",
-            "cot",
-            "--env-id",
-            "NumberLine",
-            "--num-demos",
-            "1000",
-            "--num-epochs",
-            "24",
-            "--eval-freq",
-            "6",
-            "--learning-rate",
-            "1e-3",
-            "--batch-size",
-            "32",
-            "--max-new-tokens",
-            "64",
-        ],
-    ),
+    "tiny-smolvlm-likelihood": (64, 8, f"--env-id FrozenLake8x8 {LIKELIHOOD}".split()),
+    "tiny-smolvlm-gotoredball": (64, 8, f"--env-id GoToRedBallGrey {LIKELIHOOD}".split()),
+    "tiny-smolvlm-cot": (128, 16, f"{COT} --batch-size 32 --max-new-tokens 64".split()),
 }
 
 
@@ -97,7 +63,7 @@ def prompt_corpus(flags: list[str]) -> list[str]:
 if __name__ == "__main__":
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in sys.argv[1:] or TEACHING:  # the models to teach, by folder name (default: both)
+        for name in sys.argv[1:] or TEACHING:  # the models to teach, by folder name (default: all)
             image_size, patch_size, flags = TEACHING[name]
             init = build_teachable_smolvlm(str(Path(tmp) / name), prompt_corpus(flags), image_size, patch_size)
             command = [
