@@ -116,6 +116,9 @@ def main() -> None:
         "--threshold", type=float, help="also print each seed's first step at which the curve reaches it"
     )
     parser.add_argument("--min-points", type=int, default=1, help="points a window needs for the threshold table")
+    parser.add_argument(
+        "--ignore", nargs="*", default=[], help="flags that vary with the seed, such as env_seeds: not a setting"
+    )
     args = parser.parse_args()
     if not args.runs.is_dir():
         raise SystemExit(f"{args.runs} is not a folder of runs.")
@@ -126,7 +129,8 @@ def main() -> None:
         env_id, exp_name, seed, _ = run.name.split("__")
         steps, values, hyperparameters = read_run(run, args.tag)
         if len(steps):
-            setting = tuple(sorted((k, v) for k, v in hyperparameters.items() if k not in NOT_A_SETTING))
+            ignored = NOT_A_SETTING | set(args.ignore)
+            setting = tuple(sorted((k, v) for k, v in hyperparameters.items() if k not in ignored))
             settings[(env_id, exp_name, setting)].append((seed, steps, values))
     if not settings:
         raise SystemExit(f"no run in {args.runs} logged {args.tag}.")

@@ -13,12 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CROSSINGS = {"0.001": {1: 500, 2: None}, "0.01": {1: 300, 2: 800}}
 
 
-def write_run(runs: pathlib.Path, learning_rate: str, seed: int, crossing: int | None) -> None:
+def write_run(runs: pathlib.Path, learning_rate: str, seed: int, crossing: int | None, **extra: object) -> None:
     # the scripts' folder names: {env_id}__{exp_name}__{seed}__{time}, the time telling the settings apart
     time = len(list(runs.glob("*"))) if runs.is_dir() else 0
     writer = SummaryWriter(str(runs / f"FrozenLake8x8__ppo_cnn_baseline__{seed}__{1000 + time}"))
     hyperparameters = {"exp_name": "ppo_cnn_baseline", "env_id": "FrozenLake8x8", "seed": seed}
-    hyperparameters |= {"learning_rate": learning_rate, "num_envs": 4}
+    hyperparameters |= {"learning_rate": learning_rate, "num_envs": 4} | extra
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items())
     )
@@ -49,3 +49,22 @@ def test_plot_and_threshold_table(tmp_path):
         "| learning_rate=0.001 | 1, 2 | 500, - | 0.80 ± 0.20 |",  # final values 1.0 and 0.1 + 1000 / 2000
         "| learning_rate=0.01 | 1, 2 | 300, 800 | 1.00 ± 0.00 |",
     ]
+
+
+def test_flags_that_vary_with_the_seed_can_be_ignored(tmp_path):
+    """Runs whose env seeds follow their seed are one setting with --ignore env_seeds, one setting per seed without."""
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(runs, "0.001", seed, 500, env_seeds=[200 + 2 * seed, 201 + 2 * seed])
+    tables = []
+    for ignore in ([], ["--ignore", "env_seeds"]):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "docs" / "plot_runs.py"), str(runs), "--out", str(tmp_path / "curve.png")]
+            + ["--window", "1", "--threshold", "0.9", *ignore],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        tables.append([line.split(" | ")[1] for line in result.stdout.splitlines() if line.startswith("| ")][2:])
+    assert tables == [["1", "2"], ["1, 2"]]  # the seeds column: two settings of one seed, then one of two seeds
