@@ -36,10 +36,11 @@ import sft_vlm  # noqa: E402
 # sft_vlm.py's flags: the likelihood models differ in --env-id only
 LIKELIHOOD = "--format likelihood --num-demos 1000 --num-epochs 4 --learning-rate 1e-3 --batch-size 32 --eval-freq 1"
 COT = "--format cot --env-id NumberLine --num-demos 1000 --num-epochs 24 --eval-freq 6 --learning-rate 1e-3"
+COT += " --batch-size 32 --max-new-tokens 64"  # the JSON answer is about 38 tokens
 TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
     "tiny-smolvlm-likelihood": (64, 8, f"--env-id FrozenLake8x8 {LIKELIHOOD}".split()),
     "tiny-smolvlm-gotoredball": (64, 8, f"--env-id GoToRedBallGrey {LIKELIHOOD}".split()),
-    "tiny-smolvlm-cot": (128, 16, f"{COT} --batch-size 32 --max-new-tokens 64".split()),
+    "tiny-smolvlm-cot": (128, 16, COT.split()),
 }
 
 
