@@ -683,10 +683,11 @@ def load_checkpoint(path: str, args: Args) -> dict:
 
 def evaluate(
     policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv, n_episodes: int
-) -> list[tuple[float, int, bool]]:
-    """(return, length, success) of `n_episodes` episodes, split evenly over the envs (short ones are not favoured)."""
+) -> list[tuple[float, int, bool, int]]:
+    """(return, length, success, env index) of `n_episodes` episodes, split evenly over the envs (short ones are not
+    favoured), env by env."""
     quota = [n_episodes // envs.num_envs + (i < n_episodes % envs.num_envs) for i in range(envs.num_envs)]
-    episodes: list[list[tuple[float, int, bool]]] = [[] for _ in range(envs.num_envs)]
+    episodes: list[list[tuple[float, int, bool, int]]] = [[] for _ in range(envs.num_envs)]
     returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
     obs, infos = envs.reset()
     while any(len(done) < q for done, q in zip(episodes, quota)):
@@ -694,9 +695,17 @@ def evaluate(
         returns, lengths = returns + reward, lengths + 1
         for i in np.flatnonzero(terminations | truncations):
             if len(episodes[i]) < quota[i]:
-                episodes[i].append((float(returns[i]), int(lengths[i]), bool(infos["final_info"]["success"][i])))
+                episodes[i].append(
+                    (float(returns[i]), int(lengths[i]), bool(infos["final_info"]["success"][i]), int(i))
+                )
             returns[i], lengths[i] = 0.0, 0
     return [episode for per_env in episodes for episode in per_env]
+
+
+def save_episodes(path: Path, episodes: list[tuple[float, int, bool, int]], seeds: Sequence[int]) -> None:
+    """One CSV row per evaluation episode: the seed of its env (on FrozenLake, its map), return, length, success."""
+    rows = [f"{seeds[i]},{ret},{length},{int(success)}\n" for ret, length, success, i in episodes]
+    path.write_text("env_seed,episodic_return,episodic_length,success\n" + "".join(rows))
 
 
 def log_samples(writer: SummaryWriter, path: Path, records: list[dict], global_step: int) -> None:
@@ -1081,7 +1090,7 @@ if __name__ == "__main__":
         )
         print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
 
-    evaluations = {}  # (return, length, success) of each evaluation episode, by mode
+    evaluations = {}  # (return, length, success, env index) of each evaluation episode, by mode
     if args.eval_episodes > 0 and accelerator.is_main_process:
         for mode in ("greedy", "sampled"):
             eval_valid = []
@@ -1103,6 +1112,7 @@ if __name__ == "__main__":
                 return eval_action.numpy()
 
             evaluations[mode] = evaluate(policy, make_envs(args.env_id, env_seeds), args.eval_episodes)
+            save_episodes(Path(f"runs/{run_name}/eval_{mode}.csv"), evaluations[mode], env_seeds)
             eval_returns = np.array([e[0] for e in evaluations[mode]])
             success, invalid = np.mean([e[2] for e in evaluations[mode]]), 1 - np.mean(eval_valid)
             writer.add_scalar(f"eval/{mode}_episodic_return", eval_returns.mean(), global_step)

@@ -671,10 +671,11 @@ def load_checkpoint(path: str, args: Args) -> dict:
 
 def evaluate(
     policy: Callable[[dict, dict], np.ndarray], envs: gym.vector.VectorEnv, n_episodes: int
-) -> list[tuple[float, int, bool]]:
-    """(return, length, success) of `n_episodes` episodes, split evenly over the envs (short ones are not favoured)."""
+) -> list[tuple[float, int, bool, int]]:
+    """(return, length, success, env index) of `n_episodes` episodes, split evenly over the envs (short ones are not
+    favoured), env by env."""
     quota = [n_episodes // envs.num_envs + (i < n_episodes % envs.num_envs) for i in range(envs.num_envs)]
-    episodes: list[list[tuple[float, int, bool]]] = [[] for _ in range(envs.num_envs)]
+    episodes: list[list[tuple[float, int, bool, int]]] = [[] for _ in range(envs.num_envs)]
     returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
     obs, infos = envs.reset()
     while any(len(done) < q for done, q in zip(episodes, quota)):
@@ -682,12 +683,22 @@ def evaluate(
         returns, lengths = returns + reward, lengths + 1
         for i in np.flatnonzero(terminations | truncations):
             if len(episodes[i]) < quota[i]:
-                episodes[i].append((float(returns[i]), int(lengths[i]), bool(infos["final_info"]["success"][i])))
+                episodes[i].append(
+                    (float(returns[i]), int(lengths[i]), bool(infos["final_info"]["success"][i]), int(i))
+                )
             returns[i], lengths[i] = 0.0, 0
     return [episode for per_env in episodes for episode in per_env]
 
 
-def log_evaluation(writer: SummaryWriter, episodes: list[tuple[float, int, bool]], mode: str, global_step: int) -> None:
+def save_episodes(path: Path, episodes: list[tuple[float, int, bool, int]], seeds: Sequence[int]) -> None:
+    """One CSV row per evaluation episode: the seed of its env (on FrozenLake, its map), return, length, success."""
+    rows = [f"{seeds[i]},{ret},{length},{int(success)}\n" for ret, length, success, i in episodes]
+    path.write_text("env_seed,episodic_return,episodic_length,success\n" + "".join(rows))
+
+
+def log_evaluation(
+    writer: SummaryWriter, episodes: list[tuple[float, int, bool, int]], mode: str, global_step: int
+) -> None:
     """Write the evaluation's mean return and success rate (eval/{mode}_...) to TensorBoard and print them."""
     returns, success = np.array([e[0] for e in episodes]), float(np.mean([e[2] for e in episodes]))
     writer.add_scalar(f"eval/{mode}_episodic_return", returns.mean(), global_step)
@@ -763,12 +774,9 @@ if __name__ == "__main__":
     if agent is None:  # the Random-Agent baseline: no model at all
         envs.action_space.seed(args.seed + rank)
         if writer is not None:
-            log_evaluation(
-                writer,
-                evaluate(lambda obs, infos: envs.action_space.sample(), envs, args.eval_episodes),
-                "random",
-                global_step=0,
-            )
+            episodes = evaluate(lambda obs, infos: envs.action_space.sample(), envs, args.eval_episodes)
+            log_evaluation(writer, episodes, "random", global_step=0)
+            save_episodes(Path(f"runs/{run_name}/eval_random.csv"), episodes, env_seeds)
             writer.close()
         sys.exit()
 
@@ -1031,10 +1039,11 @@ if __name__ == "__main__":
             run_state(args, run_name, args.num_iterations, global_step, [torch.get_rng_state()]),
         )
         print(f"model saved to {model_path} (evaluate or continue it with --resume {model_path})")
-    evaluations = {}  # (return, length, success) of each evaluation episode, by mode
+    evaluations = {}  # (return, length, success, env index) of each evaluation episode, by mode
     if args.eval_episodes > 0 and writer is not None:
+        eval_seeds = args.eval_seeds or env_seeds
         for mode in ("greedy", "sampled"):
-            eval_envs = make_envs(args.env_id, args.eval_seeds or env_seeds, args.image_size, agent.with_image)
+            eval_envs = make_envs(args.env_id, eval_seeds, args.image_size, agent.with_image)
 
             def policy(obs: dict, infos: dict) -> np.ndarray:
                 with torch.no_grad():
@@ -1043,6 +1052,7 @@ if __name__ == "__main__":
 
             evaluations[mode] = evaluate(policy, eval_envs, args.eval_episodes)
             log_evaluation(writer, evaluations[mode], mode, global_step)
+            save_episodes(Path(f"runs/{run_name}/eval_{mode}.csv"), evaluations[mode], eval_seeds)
             eval_envs.close()
     accelerator.wait_for_everyone()
     if writer is not None:

@@ -363,6 +363,11 @@ def test_untuned_model_evaluation(tiny_llava_path: str, monkeypatch, tmp_path: P
     )
     assert [len(g["evaluations"][mode]) for mode in ("greedy", "sampled")] == [3, 3] and g["global_step"] == 0
     assert re.search(r"eval greedy: episodic_return=-?\d.*invalid=\d.* over 3 episodes", capsys.readouterr().out)
+    rows = (tmp_path / "runs" / g["run_name"] / "eval_sampled.csv").read_text().splitlines()
+    assert rows[1:] == [  # one row per episode: the seed of its env (seeds 1-4: 3 episodes go to the first 3 envs)
+        f"{seed},{ret},{length},{int(success)}"
+        for (ret, length, success, _), seed in zip(g["evaluations"]["sampled"], (1, 2, 3))
+    ]
     assert {
         f"eval/{mode}_{tag}"
         for mode in ("greedy", "sampled")

@@ -634,6 +634,9 @@ def test_untuned_model_and_random_policy_evaluation(
     assert re.search(r"eval random: episodic_return=.* over 5 episodes", capsys.readouterr().out)
     (run_dir,) = (tmp_path / "runs").glob("FrozenLake8x8__*")
     assert {"eval/random_episodic_return", "eval/random_success_rate"} <= scalar_tags(run_dir)
+    rows = (run_dir / "eval_random.csv").read_text().splitlines()  # one row per episode, the map's seed first
+    assert rows[0] == "env_seed,episodic_return,episodic_length,success" and len(rows) == 6
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "1", "2", "3", "4"]  # 5 episodes over seeds 1-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,4 +854,12 @@ def test_env_seeds_choose_the_maps_and_eval_seeds_hold_out(
             text_envs.make_env("FrozenLake8x8", s).get_wrapper_attr("grid").tolist() for s in (20, 21, 22)
         ]
         lengths.append([e[1] for e in g["evaluations"]["greedy"]])
+        for mode in ("greedy", "sampled"):  # each episode in runs/RUN/eval_{mode}.csv, under the seed of its map
+            rows = [row.split(",") for row in (tmp_path / "runs" / g["run_name"] / f"eval_{mode}.csv").open()][1:]
+            assert [
+                (int(seed), float(ret), int(length), bool(int(success))) for seed, ret, length, success in rows
+            ] == [
+                (seed, ret, length, success)
+                for (ret, length, success, _), seed in zip(g["evaluations"][mode], (20, 21, 22))
+            ]
     assert lengths[0] == lengths[1]

@@ -41,6 +41,7 @@ COPIES = [  # (function, the files that hold a copy of it)
     ("configure_image_processor", VLM_COMPANIONS),
     ("add_lora", VLM_COMPANIONS),
     ("evaluate", VLM_SCRIPTS),
+    ("save_episodes", VLM_SCRIPTS),
     ("hub_status", [*VLM_COMPANIONS, "lvlm2p_teachers.py", "car_coders.py"]),
     ("resolve_model_source", [*VLM_COMPANIONS, "lvlm2p_teachers.py", "car_coders.py"]),
     ("png_data_url", ["lvlm2p_teachers.py", "car_coders.py"]),
