@@ -356,10 +356,14 @@ def build_smolvlm_256m_shaped(
     return model, processor
 
 
-def build_teachable_smolvlm(path: str, corpus: list[str], image_size: int, patch_size: int) -> str:
+def build_teachable_smolvlm(
+    path: str, corpus: list[str], image_size: int, patch_size: int, image_mean: float = 0.5
+) -> str:
     """Build a random-weight SmolVLM (Idefics3) sized to be taught on a CPU in path and return path: text model 128
     wide with 2 layers, vision tower 64 wide with 1 layer, 16 image tokens per frame, and a byte-level BPE tokenizer
-    trained on `corpus` (the scripts' own prompts), so every word of them, action words included, is one token."""
+    trained on `corpus` (the scripts' own prompts), so every word of them, action words included, is one token.
+    Pixels are normalised to (x - image_mean) / 0.5: SigLIP's 0.5 by default; 1.0 maps a white page to 0, so that
+    its ink is all the vision tower sees."""
     torch.manual_seed(SEED)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -385,7 +389,7 @@ def build_teachable_smolvlm(path: str, corpus: list[str], image_size: int, patch
         size={"longest_edge": image_size},
         max_image_size={"longest_edge": image_size},
         do_image_splitting=False,
-        image_mean=[0.5] * 3,
+        image_mean=[image_mean] * 3,
         image_std=[0.5] * 3,
     )
     processor = Idefics3Processor(

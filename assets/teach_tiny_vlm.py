@@ -11,7 +11,8 @@ expert demonstrations (--expert-noise 0.2, env seeds from 1000 on; held-out eval
   - tiny-smolvlm-gotoredball: the same on BabyAI-GoToRedBallGrey with the paper's macro actions (64-px frames of the
     8x8 room, one patch per cell; the text names the objects the agent sees and where);
   - tiny-smolvlm-cot: ppo_vlm_cot.py's NumberLine prompt and JSON answers, 128-px frames in 16-px patches (the
-    numbers are only in the image).
+    numbers are only in the image), white normalised to 0: under SigLIP's mean of 0.5 the digits moved the image
+    features by about 1% and the model never learned to read them.
 The runs go side by side, one torch thread each (the same thread count gives the same weights). They are
 small models taught offline on these envs, not the papers' models: their numbers prove mechanisms only.
 """
@@ -35,12 +36,12 @@ import sft_vlm  # noqa: E402
 
 # sft_vlm.py's flags: the likelihood models differ in --env-id only
 LIKELIHOOD = "--format likelihood --num-demos 1000 --num-epochs 4 --learning-rate 1e-3 --batch-size 32 --eval-freq 1"
-COT = "--format cot --env-id NumberLine --num-demos 1000 --num-epochs 24 --eval-freq 6 --learning-rate 1e-3"
+COT = "--format cot --env-id NumberLine --num-demos 1000 --num-epochs 4 --eval-freq 1 --learning-rate 1e-3"
 COT += " --batch-size 32 --max-new-tokens 64"  # the JSON answer is about 38 tokens
-TEACHING = {  # output folder: (frame pixels, patch pixels, sft_vlm.py flags)
-    "tiny-smolvlm-likelihood": (64, 8, f"--env-id FrozenLake8x8 {LIKELIHOOD}".split()),
-    "tiny-smolvlm-gotoredball": (64, 8, f"--env-id GoToRedBallGrey {LIKELIHOOD}".split()),
-    "tiny-smolvlm-cot": (128, 16, COT.split()),
+TEACHING = {  # output folder: (frame pixels, patch pixels, pixel value normalised to 0, sft_vlm.py flags)
+    "tiny-smolvlm-likelihood": (64, 8, 0.5, f"--env-id FrozenLake8x8 {LIKELIHOOD}".split()),
+    "tiny-smolvlm-gotoredball": (64, 8, 0.5, f"--env-id GoToRedBallGrey {LIKELIHOOD}".split()),
+    "tiny-smolvlm-cot": (128, 16, 1.0, COT.split()),
 }
 
 
@@ -65,8 +66,10 @@ if __name__ == "__main__":
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in sys.argv[1:] or TEACHING:  # the models to teach, by folder name (default: all)
-            image_size, patch_size, flags = TEACHING[name]
-            init = build_teachable_smolvlm(str(Path(tmp) / name), prompt_corpus(flags), image_size, patch_size)
+            image_size, patch_size, image_mean, flags = TEACHING[name]
+            init = build_teachable_smolvlm(
+                str(Path(tmp) / name), prompt_corpus(flags), image_size, patch_size, image_mean
+            )
             command = [
                 sys.executable,
                 str(REPO / "sft_vlm.py"),
