@@ -262,6 +262,27 @@ def test_teaching_rebuilds_bit_for_bit(monkeypatch, tmp_path: Path) -> None:
     assert weights[0] == weights[1] and weights[0][0] != weights[0][1]
 
 
+def test_taught_cot_model_reads_both_numbers_and_compares_six_states_wrongly() -> None:
+    """assets/tiny-smolvlm-cot, as assets/README.md describes it: on all 30 NumberLine states it writes the true current
+    and target number (they are only in the image), and its thought's "above" / "below" follows the target alone,
+    wrong exactly where a target of 1 or 2 is above the current number or one of 3 or 4 below it."""
+    import importlib.util
+
+    from cot_models import FALLBACK_MODEL_DIR, load_base_model
+
+    spec = importlib.util.spec_from_file_location("numberline_probe", REPO_ROOT / "docs" / "numberline_probe.py")
+    numberline_probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numberline_probe)
+    model, processor = load_base_model(str(FALLBACK_MODEL_DIR), False, torch.device("cpu"))
+    rates, table = numberline_probe.probe(model.eval(), processor, temperature=0.2)
+    assert rates == {"current number": 1.0, "target number": 1.0, "expert's action": 0.8}
+    assert np.isnan(table[np.arange(6), np.arange(6)]).all() and np.nanmin(table) >= 0 and np.nanmax(table) <= 1
+    wrong = {(t, c) for t in range(6) for c in range(6) if t != c and table[t, c, 0] < 0.5}
+    assert wrong == {(1, 0), (2, 0), (2, 1), (3, 4), (3, 5), (4, 5)}
+    # the sampling temperature sharpens both ways: right states near 1, wrong ones near 0
+    assert np.nanmax(table[[t for t, _ in wrong], [c for _, c in wrong], 1]) < 0.1
+
+
 def test_a_fallback_run_is_named_after_the_model_it_teaches(monkeypatch, tmp_path: Path) -> None:
     """With no Hub, the default model falls back to the likelihood script's taught model, and the run's name and
     hyperparameters say so."""
