@@ -262,6 +262,20 @@ def test_teaching_rebuilds_bit_for_bit(monkeypatch, tmp_path: Path) -> None:
     assert weights[0] == weights[1] and weights[0][0] != weights[0][1]
 
 
+def test_teachable_model_normalises_the_chosen_pixel_value_to_zero(tmp_path: Path) -> None:
+    """image_mean 1.0 (the CoT model's) maps a white frame to 0 and black to -2; the default 0.5 maps white to +1."""
+    from make_tiny_vlm import build_teachable_smolvlm
+
+    corpus = [likelihood.FROZENLAKE_STATE_TEMPLATE.format(description="You are on row 1.")] * 5
+    frames = [np.full((64, 64, 3), 255, np.uint8), np.zeros((64, 64, 3), np.uint8)]
+    for mean, (white, black) in {1.0: (0.0, -2.0), 0.5: (1.0, -1.0)}.items():
+        path = build_teachable_smolvlm(str(tmp_path / str(mean)), corpus, 64, 8, mean)
+        pixels = AutoProcessor.from_pretrained(path).image_processor(frames, return_tensors="pt")[
+            "pixel_values"
+        ]  # 1 x 2 frames
+        assert torch.allclose(pixels[0, 0], torch.tensor(white)) and torch.allclose(pixels[0, 1], torch.tensor(black))
+
+
 def test_taught_cot_model_reads_both_numbers_and_compares_six_states_wrongly() -> None:
     """assets/tiny-smolvlm-cot, as assets/README.md describes it: on all 30 NumberLine states it writes the true current
     and target number (they are only in the image), and its thought's "above" / "below" follows the target alone,
